@@ -1,0 +1,13 @@
+"""Errors the plugin raises for bad input: the CLI prints them as one line and exits non-zero."""
+
+
+class LatticeError(ValueError):
+    """Base class: a user-facing problem with a message that says what to change."""
+
+
+class LatticeConfigError(LatticeError):
+    """An invalid Lattice field in a model config (raised when the config is built)."""
+
+
+class LatticeCacheError(LatticeError):
+    """A request the fixed-slot cache cannot serve (a rewind, a skip, a batch larger than the cache)."""

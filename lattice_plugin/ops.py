@@ -1,0 +1,160 @@
+"""The public Lattice operators: one call for sequences (training, prefill) and one for a single decoding step.
+
+Backends sit behind the same call:
+
+- ``"recurrent"``: token by token, the literal definition (LATTICE.md §3); exact in any dtype, float64 included.
+- ``"torch"``: chunkwise-parallel (LATTICE.md §4) in plain PyTorch; exact for ``gates="exact"``.
+- ``"triton"``: the fused GPU kernels (CUDA only).
+- ``"auto"``: ``"triton"`` on CUDA when available, else ``"torch"``.
+
+State and gate arithmetic run in float32 (float64 when the inputs are float64) whatever the activation dtype.
+"""
+
+from typing import Literal
+
+import torch
+
+from lattice_plugin.errors import LatticeError
+from lattice_plugin.kernels.chunk import chunk_lattice
+from lattice_plugin.kernels.gates import normalize_slots
+from lattice_plugin.kernels.recurrent import recurrent_lattice, recurrent_step
+
+Backend = Literal["auto", "recurrent", "torch", "triton"]
+Gates = Literal["exact", "chunk"]
+BACKENDS = ("auto", "recurrent", "torch", "triton")
+GATES = ("exact", "chunk")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of state and gate arithmetic for activations of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def triton_available() -> bool:
+    """Whether the Triton backend can run here (a CUDA device and an importable Triton)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device, gates: str) -> str:
+    """Turn ``"auto"`` into a concrete backend and refuse combinations that do not exist."""
+    if backend not in BACKENDS:
+        raise LatticeError(f"unknown Lattice backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if gates not in GATES:
+        raise LatticeError(f"unknown Lattice gates mode {gates!r}; choose 'exact' or 'chunk'")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "recurrent" and gates == "chunk":
+        raise LatticeError("gates='chunk' freezes gates per chunk and needs a chunked backend ('torch' or 'triton')")
+    if backend == "triton" and device.type != "cuda":
+        raise LatticeError("the 'triton' Lattice backend needs CUDA tensors; use backend='torch' on the CPU")
+    return backend
+
+
+def _check_shapes(q, k, v, beta, s0, initial_state) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or beta.dim() != 3:
+        raise LatticeError("expected q (B, T, Hq, m), k (B, T, Hkv, m), v (B, T, Hkv, d), beta (B, T, Hkv)")
+    B, T, Hq, m = q.shape
+    Hkv, d = v.shape[2], v.shape[3]
+    if k.shape != (B, T, Hkv, m) or v.shape[:2] != (B, T) or beta.shape != (B, T, Hkv):
+        raise LatticeError(
+            f"inconsistent shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, beta {tuple(beta.shape)}"
+        )
+    if Hq % Hkv:
+        raise LatticeError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if s0.shape != (Hkv, d, m):
+        raise LatticeError(f"s0 must have shape (Hkv, d, m) = {(Hkv, d, m)}, got {tuple(s0.shape)}")
+    if initial_state is not None and initial_state.shape != (B, Hkv, d, m):
+        raise LatticeError(
+            f"initial_state must have shape (B, Hkv, d, m) = {(B, Hkv, d, m)}, got {tuple(initial_state.shape)}"
+        )
+
+
+@torch.compiler.disable
+def lattice_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    s0: torch.Tensor,
+    *,
+    chunk_size: int = 64,
+    gates: Gates = "exact",
+    orthogonal: bool = True,
+    normalize: bool = True,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Lattice token mixing over a sequence.
+
+    Args:
+        q: read codes ``(B, T, Hq, m)``; query head ``h`` reads kv head ``h // (Hq // Hkv)``.
+        k: write codes ``(B, T, Hkv, m)``; ``|beta * k| < 1`` keeps the forget gate positive.
+        v: values ``(B, T, Hkv, d)``, used as given.
+        beta: step sizes ``(B, T, Hkv)`` in ``(0, 1)``.
+        s0: initial slots ``(Hkv, d, m)`` (a learned parameter; columns normalised on use when ``normalize``).
+        chunk_size: tokens per chunk of the chunkwise backends.
+        gates: ``"exact"`` (the recurrence) or ``"chunk"`` (gates frozen at each chunk start).
+        orthogonal: write only the part of ``v`` orthogonal to the slot (False: additive write).
+        normalize: retract slots to the unit sphere after each write (False: slots grow freely).
+        initial_state: ``(B, Hkv, d, m)`` state to continue from instead of ``s0``.
+        output_final_state: also return the state after the last token.
+        backend: see the module docstring.
+
+    Returns:
+        ``(o, final_state)``: ``o`` is ``(B, T, Hq, d)`` in the dtype of ``q``; ``final_state`` is ``(B, Hkv, d, m)``
+        in float32 (float64 for float64 inputs), or None unless ``output_final_state``.
+    """
+    _check_shapes(q, k, v, beta, s0, initial_state)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise LatticeError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    backend = resolve_backend(backend, q.device, gates)
+    dtype = compute_dtype(q.dtype)
+    if initial_state is None:
+        state = s0.to(dtype).unsqueeze(0).expand(q.shape[0], -1, -1, -1)
+    else:
+        state = initial_state.to(dtype)
+    if normalize:
+        state = normalize_slots(state)
+    flags = dict(orthogonal=orthogonal, normalize=normalize)
+    if backend == "recurrent":
+        o, final_state = recurrent_lattice(q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), state, **flags)
+    elif backend == "torch":
+        o, final_state = chunk_lattice(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags)
+    else:
+        raise LatticeError("the Triton backend is not built yet; use backend='torch'")
+    return o.to(q.dtype), (final_state if output_final_state else None)
+
+
+@torch.compiler.disable
+def lattice_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    orthogonal: bool = True,
+    normalize: bool = True,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step (LATTICE.md §5): write one token into the fixed-slot state, then read.
+
+    q ``(B, Hq, m)``, k ``(B, Hkv, m)``, v ``(B, Hkv, d)``, beta ``(B, Hkv)``, state ``(B, Hkv, d, m)`` (float32).
+    Returns ``(o (B, Hq, d) in the dtype of q, new_state)``; with ``inplace`` the new state is written into ``state``
+    and ``state`` itself is returned.
+    """
+    dtype = state.dtype
+    o, new_state = recurrent_step(
+        state, q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), orthogonal=orthogonal, normalize=normalize
+    )
+    if inplace:
+        state.copy_(new_state)
+        new_state = state
+    return o.to(q.dtype), new_state
