@@ -62,34 +62,108 @@ def _one_chunk(
     normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk: q ``(B, H, G, L, m)``, gamma ``(B, H, L, m)``, v ``(B, H, L, d)``, state ``(B, H, d, m)``."""
-    L = v.shape[2]
-    P = v @ state  # (B, H, L, m): v_t . s_i at the chunk start
-    gram = v @ v.mT  # (B, H, L, L)
-    vv = gram.diagonal(dim1=-2, dim2=-1)  # (B, H, L)
-    chunk_norm_sq = (state * state).sum(-2)  # (B, H, m)
-    norm_sq = chunk_norm_sq
-    one_hot = torch.eye(L, dtype=state.dtype, device=state.device)
-    A = torch.ones_like(chunk_norm_sq)  # coefficient of the chunk-start slot
-    W = state.new_zeros(*gamma.shape)  # (B, H, L, m): W[j, i] is the coefficient of v_j in slot i
-    A_rows, M_rows = [], []
-    for t in range(L):
-        if exact:
-            c = A * P[:, :, t] + torch.einsum("bhjm,bhj->bhm", W, gram[:, :, t])  # rows j >= t of W are zero
-        else:
-            c, norm_sq = P[:, :, t], chunk_norm_sq  # frozen at the chunk start
-        a, b, new_norm_sq = slot_gates(
-            c, gamma[:, :, t], vv[:, :, t, None], norm_sq, orthogonal=orthogonal, normalize=normalize
-        )
-        if exact:
-            norm_sq = new_norm_sq
-        A = A * a
-        W = W * a.unsqueeze(2) + one_hot[t].view(1, 1, L, 1) * b.unsqueeze(2)
-        A_rows.append(A)
-        M_rows.append(torch.einsum("bhjm,bhgm->bhgj", W, q[:, :, :, t]))  # M[t, j] = sum_i W_t[j, i] q_t[i]
-    Aq = torch.stack(A_rows, dim=2).unsqueeze(2)  # (B, H, 1, L, m)
-    M = torch.stack(M_rows, dim=3)  # (B, H, G, L, L)
-    o = (q * Aq) @ state.mT.unsqueeze(2) + M @ v.unsqueeze(2)  # (B, H, G, L, d)
-    new_state = state * A.unsqueeze(-2) + v.mT @ W
+    a, b = _chunk_gates(gamma, v, state, exact=exact, orthogonal=orthogonal, normalize=normalize)
+    # Slot i after token t is A[t, i] s_i + sum_{j <= t} b[j, i] D[t, j, i] v_j with D[t, j] = prod_{j < l <= t} a_l.
+    # The products run in log space with their signs kept apart: no division by a vanishing cumulative product.
+    log_A = torch.cumsum(torch.log(a.abs().clamp_min(1e-30)), dim=2)  # (B, H, L, m)
+    sign_A = torch.cumprod(torch.where(a < 0, -1.0, 1.0).to(a.dtype), dim=2)
+    A = torch.exp(log_A) * sign_A
+    L = a.shape[2]
+    causal = torch.ones(L, L, dtype=torch.bool, device=a.device).tril().view(1, 1, L, L, 1)
+    exponent = (log_A.unsqueeze(3) - log_A.unsqueeze(2)).masked_fill(~causal, float("-inf"))
+    D = torch.exp(exponent) * (sign_A.unsqueeze(3) * sign_A.unsqueeze(2))  # (B, H, t, j, m)
+    M = (q.unsqueeze(4) * (D * b.unsqueeze(2)).unsqueeze(2)).sum(-1)  # (B, H, G, t, j): sum_i q_t[i] W_t[j, i]
+    B, H, G = q.shape[:3]
+    # (B, H, G * L, .) @ (B, H, ., d): no copy of the state or the values per query head
+    o = (q * A.unsqueeze(2)).reshape(B, H, G * L, -1) @ state.mT + M.reshape(B, H, G * L, L) @ v
+    o = o.view(B, H, G, L, -1)
+    new_state = state * A[:, :, -1].unsqueeze(-2) + v.mT @ (b * D[:, :, -1])
     if normalize:
         new_state = normalize_slots(new_state)  # exact in real arithmetic; removes drift in finite precision
     return o, new_state
+
+
+def _chunk_gates(
+    gamma: torch.Tensor, v: torch.Tensor, state: torch.Tensor, *, exact: bool, orthogonal: bool, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gates ``a, b`` ``(B, H, L, m)`` of every token of the chunk."""
+    P = v @ state  # (B, H, L, m): v_u . s_i at the chunk start
+    gram = v @ v.mT  # (B, H, L, L)
+    norm_sq = (state * state).sum(-2)  # (B, H, m)
+    if exact:
+        return _GateScan.apply(P, gram, gamma, norm_sq, orthogonal, normalize)
+    # gates frozen at the chunk-start state: no scan at all
+    vv = gram.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+    a, b, _ = slot_gates(P, gamma, vv, norm_sq.unsqueeze(2), orthogonal=orthogonal, normalize=normalize)
+    return a, b
+
+
+class _GateScan(torch.autograd.Function):
+    """The sequential part of the exact chunk: a scan over ``L x m`` scalars, with a hand-written reverse scan.
+
+    ``R[u, i] = s_i . v_u`` for every token ``u`` of the chunk is updated as the slots are, ``R <- a R + b G[:, t]``;
+    before token ``t`` is written, ``R[t]`` is exactly the ``c_t`` its gates need. The backward runs the same scan in
+    reverse; the partial derivatives of the gates come from autograd through :func:`slot_gates` for all tokens at
+    once, so the gate math stays in one place and the loop itself holds only elementwise products.
+    """
+
+    @staticmethod
+    def forward(ctx, P, gram, gamma, norm_sq, orthogonal: bool, normalize: bool):
+        L = P.shape[2]
+        vv = gram.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # (B, H, L, 1)
+        R, R_before, norm_before, a_rows, b_rows = P, [], [], [], []
+        for t in range(L):
+            R_before.append(R)
+            norm_before.append(norm_sq)
+            a, b, norm_sq = slot_gates(
+                R[:, :, t], gamma[:, :, t], vv[:, :, t], norm_sq, orthogonal=orthogonal, normalize=normalize
+            )
+            R = R * a.unsqueeze(2) + gram[:, :, :, t, None] * b.unsqueeze(2)
+            a_rows.append(a)
+            b_rows.append(b)
+        a, b = torch.stack(a_rows, dim=2), torch.stack(b_rows, dim=2)
+        R_before = torch.stack(R_before, dim=2)  # (B, H, t, u, m)
+        ctx.save_for_backward(gram, gamma, a, b, R_before, torch.stack(norm_before, dim=2))
+        ctx.flags = dict(orthogonal=orthogonal, normalize=normalize)
+        return a, b
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_b):
+        gram, gamma, a, b, R_before, norm_before = ctx.saved_tensors
+        L = a.shape[2]
+        c = R_before.diagonal(dim1=2, dim2=3).transpose(-1, -2)  # (B, H, L, m): c_t = R_{t-1}[t]
+        vv = gram.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).expand_as(c)
+        jac = _gate_partials(c, gamma, vv, norm_before, **ctx.flags)  # (out, inp, B, H, L, m)
+        grad_R = torch.zeros_like(R_before[:, :, 0])
+        grad_norm = torch.zeros_like(norm_before[:, :, 0])
+        grad_gram = torch.zeros_like(gram)
+        grad_gamma = torch.empty_like(gamma)
+        grad_vv = torch.empty_like(c)
+        for t in reversed(range(L)):
+            # R_t = a_t R_{t-1} + b_t G[:, t]
+            da = grad_a[:, :, t] + (grad_R * R_before[:, :, t]).sum(2)
+            db = grad_b[:, :, t] + (grad_R * gram[:, :, :, t, None]).sum(2)
+            grad_gram[:, :, :, t] += (grad_R * b[:, :, t, None]).sum(-1)
+            grad_R = grad_R * a[:, :, t, None]
+            # (a_t, b_t, N_t) = gates(c_t, gamma_t, vv_t, N_{t-1})
+            cotangents = torch.stack((da, db, grad_norm)).unsqueeze(1)  # (out, 1, B, H, m)
+            grad_c, grad_gamma[:, :, t], grad_vv[:, :, t], grad_norm = (cotangents * jac[..., t, :]).sum(0)
+            grad_R[:, :, t] += grad_c
+        grad_gram = grad_gram + torch.diag_embed(grad_vv.sum(-1))
+        return grad_R, grad_gram, grad_gamma, grad_norm, None, None
+
+
+def _gate_partials(c, gamma, vv, norm_sq, *, orthogonal: bool, normalize: bool) -> torch.Tensor:
+    """``d out / d inp`` stacked ``(3, 4, ...)`` for out in (a, b, new_norm_sq) and inp in (c, gamma, vv, norm_sq);
+    the gates are elementwise, so the gradient of a sum gives every partial at once."""
+    with torch.enable_grad():
+        inputs = [x.detach().requires_grad_() for x in (c, gamma, vv, norm_sq)]
+        outputs = slot_gates(*inputs, orthogonal=orthogonal, normalize=normalize)
+        partials = []
+        for out in outputs:
+            if not out.requires_grad:  # the unit norm of the normalised variants is a constant
+                partials.append([torch.zeros_like(c)] * 4)
+                continue
+            grads = torch.autograd.grad(out.sum(), inputs, retain_graph=True, allow_unused=True)
+            partials.append([torch.zeros_like(c) if g is None else g for g in grads])
+    return torch.stack([torch.stack(row) for row in partials])

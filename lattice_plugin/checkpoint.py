@@ -1,0 +1,83 @@
+"""Reading and writing checkpoint directories.
+
+A Lattice checkpoint directory is a litgpt checkpoint directory whose weights may be ``model.safetensors`` instead of
+``lit_model.pth``. Weights are read from either (``.pth`` always with ``weights_only=True``) in any of litgpt's
+layouts; directories are written to a temporary sibling and renamed into place only when complete.
+"""
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from lattice_plugin.errors import LatticeError
+
+WEIGHT_FILES = ("model.safetensors", "lit_model.pth")
+COMPILE_PREFIX = "_orig_mod."
+
+
+def find_weights(checkpoint_dir: Path) -> Path:
+    """The weights file of a checkpoint directory (``model.safetensors`` first, then ``lit_model.pth``)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise LatticeError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
+    for name in WEIGHT_FILES:
+        if (checkpoint_dir / name).is_file():
+            return checkpoint_dir / name
+    raise LatticeError(f"{str(checkpoint_dir)!r} holds no weights (expected one of {', '.join(WEIGHT_FILES)})")
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Model weights from a ``.safetensors`` or ``.pth`` file: a flat state dict, litgpt's ``{"model": ...}`` or a
+    pretraining state (``_orig_mod.`` prefixes of a compiled model are removed)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state_dict = load_file(str(path))
+        else:
+            state_dict = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError) as error:
+        raise LatticeError(f"cannot read weights from {str(path)!r}: {error}") from None
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
+        state_dict = state_dict["model"]
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise LatticeError(f"{str(path)!r} does not hold a model state dict")
+    return {key.replace(COMPILE_PREFIX, ""): value for key, value in state_dict.items()}
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Write weights as safetensors (contiguous, untied copies, as the format requires)."""
+    from safetensors.torch import save_file
+
+    save_file({key: value.detach().contiguous().clone() for key, value in state_dict.items()}, str(path))
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``out_dir`` only if the block completes.
+
+    An existing ``out_dir`` is refused unless ``force``; with ``force`` it is replaced only after the new one is
+    complete. On any error the temporary directory is removed and ``out_dir`` is left as it was.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise LatticeError(f"{str(out_dir)!r} already exists; pass --force to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield tmp_dir
+        if out_dir.exists():
+            old_dir = out_dir.with_name(f".{out_dir.name}.old-{tmp_dir.name}")
+            out_dir.rename(old_dir)
+            tmp_dir.rename(out_dir)
+            shutil.rmtree(old_dir)
+        else:
+            tmp_dir.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise

@@ -1,0 +1,46 @@
+"""``lattice pretrain | finetune | finetune_lora | finetune_full | generate | chat | merge_lora |
+convert_pretrained_checkpoint``: litgpt's own commands, run with the Lattice classes patched in.
+
+Everything after the command name goes to litgpt's parser unchanged, so litgpt's flags, ``--config`` YAML recipes and
+``--help`` work as documented by litgpt; a recipe selects Lattice with the ``lattice_*`` fields of ``model_config``.
+"""
+
+import typer
+
+from lattice_plugin.cli.app import app
+
+LITGPT_COMMANDS = {
+    "pretrain": "Pretrain a model (litgpt pretrain).",
+    "finetune": "LoRA fine-tuning (litgpt finetune, an alias of finetune_lora).",
+    "finetune_lora": "LoRA fine-tuning (litgpt finetune_lora).",
+    "finetune_full": "Full fine-tuning (litgpt finetune_full).",
+    "generate": "Generate text with the fixed-slot cache (litgpt generate).",
+    "chat": "Chat with a model (litgpt chat).",
+    "merge_lora": "Merge LoRA weights into the base model (litgpt merge_lora).",
+    "convert_pretrained_checkpoint": "Strip a pretraining checkpoint down to model weights (litgpt).",
+}
+
+
+def run_litgpt() -> None:
+    """Patch litgpt, then hand ``sys.argv`` (``lattice <command> ...``) to litgpt's own CLI."""
+    from litgpt.__main__ import main as litgpt_main
+
+    from lattice_plugin.patch import patch_litgpt
+
+    patch_litgpt()
+    litgpt_main()
+
+
+def _register(name: str, summary: str) -> None:
+    @app.command(
+        name,
+        help=f"{summary} Takes litgpt's flags and YAML recipes; see `lattice {name} --help`.",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+        add_help_option=False,
+    )
+    def command(ctx: typer.Context) -> None:
+        run_litgpt()
+
+
+for _name, _summary in LITGPT_COMMANDS.items():
+    _register(_name, _summary)

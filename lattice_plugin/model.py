@@ -1,0 +1,261 @@
+"""The Lattice mixer and the litgpt model classes that put it on the layers a :class:`LatticeConfig` selects.
+
+The mixer subclasses litgpt's ``CausalSelfAttention``: it keeps the fused ``qkv`` and the output ``proj`` (so a
+pretrained attention layer's weights load unchanged, LATTICE.md §6) and everything litgpt does with attention modules
+(FSDP wrapping, pretrain's initialisation of ``proj``, LoRA's weight mapping) applies to it as well.
+"""
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from litgpt.model import GPT, Block, CausalSelfAttention, apply_rope, apply_rope_interleave
+from typing_extensions import Self
+
+from lattice_plugin.cache import LatticeCache
+from lattice_plugin.config import LatticeConfig
+from lattice_plugin.ops import lattice_attention, lattice_step
+
+FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "softmax": lambda x: torch.softmax(x, dim=-1),
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "l2": lambda x: F.normalize(x, dim=-1),
+}
+
+
+class HeadwiseLinear(nn.Module):
+    """A separate ``in -> out`` linear map per head: the code maps phi_q / phi_k from head size to ``m`` slots.
+
+    Initialised to the identity when ``in == out`` (so a converted layer starts by addressing slots with its
+    attention queries and keys), else to a random semi-orthogonal map.
+    """
+
+    def __init__(self, n_heads: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_heads, out_features, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight.is_meta:
+            return
+        with torch.no_grad():
+            n_heads, out_features, in_features = self.weight.shape
+            if out_features == in_features:
+                self.weight.copy_(torch.eye(in_features).expand(n_heads, -1, -1))
+            else:
+                for head in self.weight:
+                    nn.init.orthogonal_(head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., H, in) -> (..., H, out)``."""
+        return torch.einsum("...hi,hoi->...ho", x, self.weight)
+
+
+class InitialSlots(nn.Module):
+    """The learned initial memory ``S_0``, ``(Hkv, d, m)``; the op normalises its columns on use."""
+
+    def __init__(self, n_kv_heads: int, head_size: int, slots: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_kv_heads, head_size, slots))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight)
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over each head's output with a learned per-head scale (computed in float32)."""
+
+    def __init__(self, n_heads: int, head_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_heads, head_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., H, head_size)`` -> same shape and dtype."""
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class LatticeMixer(CausalSelfAttention):
+    """Lattice token mixer (LATTICE.md §2): attention's q/k/v/o around a fixed set of unit-norm memory slots."""
+
+    def __init__(self, config: LatticeConfig, block_idx: int) -> None:
+        super().__init__(config, block_idx)
+        n_head, n_kv, head_size, slots = (
+            config.n_head,
+            config.n_query_groups,
+            config.head_size,
+            config.lattice_slots,
+        )
+        self.q_code = HeadwiseLinear(n_head, head_size, slots)
+        self.k_code = HeadwiseLinear(n_kv, head_size, slots)
+        self.beta_proj = nn.Linear(config.n_embd, n_kv)
+        self.initial_slots = InitialSlots(n_kv, head_size, slots)
+        self.out_norm = HeadRMSNorm(n_head, head_size, eps=config.norm_eps)
+        self.out_gate = (
+            nn.Linear(config.n_embd, n_head * head_size, bias=False) if config.lattice_output_gate else None
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        input_pos_maxp1: int | None = None,
+    ) -> torch.Tensor:
+        """Same contract as litgpt's attention; ``mask`` and ``input_pos_maxp1`` are not needed (causal by design)."""
+        config = self.config
+        B, T, _ = x.shape
+        q, k, v = self._project(x, cos, sin)
+        feature_map = FEATURE_MAPS[config.lattice_feature_map]
+        q = feature_map(self.q_code(q).float())
+        k = feature_map(self.k_code(k).float())
+        v = F.normalize(v.float(), dim=-1)
+        beta = torch.sigmoid(self.beta_proj(x).float())
+        if input_pos is None:
+            o, _ = lattice_attention(q, k, v, beta, self.initial_slots.weight, **self._op_options(chunked=True))
+        else:
+            o = self._forward_with_cache(q, k, v, beta, input_pos)
+        o = self.out_norm(o.to(x.dtype))
+        if self.out_gate is not None:
+            o = o * torch.sigmoid(self.out_gate(x)).view_as(o)
+        return self.proj(o.reshape(B, T, -1))
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Fused qkv projection, optional q/k norms and RoPE exactly as litgpt's attention does them.
+
+        Returns q ``(B, T, Hq, hs)``, k ``(B, T, Hkv, hs)``, v ``(B, T, Hkv, hs)``.
+        """
+        config = self.config
+        B, T, _ = x.shape
+        n_head, n_kv, head_size = config.n_head, config.n_query_groups, config.head_size
+        q, k, v = self.qkv(x).split((n_head * head_size, n_kv * head_size, n_kv * head_size), dim=-1)
+        if config.norm_qk and config.norm_qk_type == "olmo2":
+            q, k = self.norm_q(q), self.norm_k(k)
+        q = q.view(B, T, n_head, head_size).transpose(1, 2)
+        k = k.view(B, T, n_kv, head_size).transpose(1, 2)
+        if config.norm_qk and config.norm_qk_type == "default":
+            q, k = self.norm_q(q), self.norm_k(k)
+        if config.lattice_rope:
+            rope = apply_rope_interleave if config.rope_interleave else apply_rope
+            n_elem = config.rope_n_elem
+            q = torch.cat((rope(q[..., :n_elem], cos, sin), q[..., n_elem:]), dim=-1)
+            k = torch.cat((rope(k[..., :n_elem], cos, sin), k[..., n_elem:]), dim=-1)
+        return q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, n_kv, head_size)
+
+    def _op_options(self, chunked: bool) -> dict[str, Any]:
+        config = self.config
+        options = dict(orthogonal=config.lattice_orthogonal, normalize=config.lattice_normalize)
+        if chunked:
+            options.update(
+                chunk_size=config.lattice_chunk_size, gates=config.lattice_gates, backend=config.lattice_backend
+            )
+        return options
+
+    def _forward_with_cache(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, input_pos: torch.Tensor
+    ) -> torch.Tensor:
+        """Prefill (many tokens) or decode (one token) through the fixed-slot state."""
+        if not isinstance(self.kv_cache, LatticeCache):
+            raise TypeError("You need to call `gpt.set_kv_cache()`")
+        state, end_position = self.kv_cache.begin(input_pos, q.shape[0])
+        if state is not None and q.shape[1] == 1:
+            o, state = lattice_step(
+                q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, inplace=True, **self._op_options(chunked=False)
+            )
+            o = o.unsqueeze(1)
+        else:
+            o, state = lattice_attention(
+                q,
+                k,
+                v,
+                beta,
+                self.initial_slots.weight,
+                initial_state=state,
+                output_final_state=True,
+                **self._op_options(chunked=True),
+            )
+        self.kv_cache.commit(state, end_position)
+        return o
+
+    def build_kv_cache(
+        self,
+        batch_size: int,
+        max_seq_length: int,
+        rope_cache_length: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LatticeCache:
+        """A cache whose size does not depend on ``max_seq_length`` (the state is always float32)."""
+        config = self.config
+        return LatticeCache(
+            batch_size, config.n_query_groups, config.head_size, config.lattice_slots, device=device
+        )
+
+
+class LatticeBlock(Block):
+    """litgpt's Block with the Lattice mixer in place of attention on the selected layers."""
+
+    mixer_class: type[LatticeMixer] = LatticeMixer
+
+    def __init__(self, config: LatticeConfig, block_idx: int) -> None:
+        super().__init__(config, block_idx)
+        if config.is_lattice_layer(block_idx):
+            self.attn = self.mixer_class(config, block_idx)
+
+
+class LatticeGPT(GPT):
+    """litgpt's GPT built from :class:`LatticeBlock` (blocks are built once, in litgpt's order)."""
+
+    block_class: type[LatticeBlock] = LatticeBlock
+    config_class: type[LatticeConfig] = LatticeConfig
+
+    def __init__(self, config: LatticeConfig) -> None:
+        nn.Module.__init__(self)
+        assert config.padded_vocab_size is not None
+        self.config = config
+        self.lm_head = self._build_lm_head(config)
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                h=nn.ModuleList(self.block_class(config, block_idx) for block_idx in range(config.n_layer)),
+                ln_f=config.norm_class(config.n_embd, eps=config.norm_eps),
+            )
+        )
+        self.mask_cache: torch.Tensor | None = None
+        self.max_seq_length = self.config.block_size
+
+    def _build_lm_head(self, config: LatticeConfig) -> nn.Module:
+        return nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
+
+    @classmethod
+    def from_name(cls, name: str, **kwargs: Any) -> Self:
+        return cls(cls.config_class.from_name(name, **kwargs))
+
+    def set_kv_cache(
+        self,
+        batch_size: int,
+        max_seq_length: int | None = None,
+        rope_cache_length: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """As litgpt's, except that a model without attention layers gets no ``T x T`` mask (it needs none)."""
+        if len(self.config.lattice_layers) < self.config.n_layer:
+            return super().set_kv_cache(batch_size, max_seq_length, rope_cache_length, device, dtype)
+        max_seq_length = self.max_seq_length if max_seq_length is None else max_seq_length
+        for block in self.transformer.h:
+            block.attn.kv_cache = block.attn.build_kv_cache(batch_size, max_seq_length, device=device, dtype=dtype)
+        # GPT.forward indexes the mask by position; a broadcast view keeps that working at no memory cost
+        self.mask_cache = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device).expand(
+            1, 1, max_seq_length, max_seq_length
+        )
