@@ -10,10 +10,16 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 
 from lattice_plugin.errors import LatticeError
+
+if TYPE_CHECKING:
+    from lattice_plugin.config import LatticeConfig
+    from lattice_plugin.model import LatticeGPT
 
 WEIGHT_FILES = ("model.safetensors", "lit_model.pth")
 COMPILE_PREFIX = "_orig_mod."
@@ -81,3 +87,50 @@ def atomic_directory(out_dir: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
+
+
+def load_config(checkpoint_dir: Path, **overrides: Any) -> "LatticeConfig":
+    """The model config of a checkpoint directory (Lattice, hybrid, or a plain litgpt transformer)."""
+    from lattice_plugin.config import LatticeConfig
+
+    config_file = Path(checkpoint_dir) / "model_config.yaml"
+    if not config_file.is_file():
+        raise LatticeError(f"{str(checkpoint_dir)!r} is not a checkpoint directory: model_config.yaml is missing")
+    try:
+        return LatticeConfig.from_file(config_file, **overrides)
+    except (TypeError, yaml.YAMLError) as error:
+        raise LatticeError(f"cannot read {str(config_file)!r}: {error}") from None
+
+
+def load_model(
+    checkpoint_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> "LatticeGPT":
+    """Build the model of a checkpoint directory and load its weights (strictly: every key, every shape)."""
+    from lattice_plugin.model import LatticeGPT
+
+    config = load_config(checkpoint_dir)
+    state_dict = load_state_dict(find_weights(checkpoint_dir))
+    with torch.device("meta"):
+        model = LatticeGPT(config)
+    check_state_dict(model, state_dict, source=checkpoint_dir)
+    model.load_state_dict(state_dict, assign=True)
+    model.cos, model.sin = model.rope_cache()  # the RoPE cache was built on the meta device
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse weights that do not match the model's config, naming the first differences."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+    if wrong:
+        key = wrong[0]
+        problems.append(f"shape of {key} is {tuple(state_dict[key].shape)}, the config needs {expected[key]}")
+    if problems:
+        raise LatticeError(f"weights in {str(source)!r} do not match model_config.yaml: {'; '.join(problems)}")
