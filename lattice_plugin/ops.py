@@ -98,7 +98,7 @@ def lattice_attention(
         k: write codes ``(B, T, Hkv, m)``; ``|beta * k| < 1`` keeps the forget gate positive.
         v: values ``(B, T, Hkv, d)``, used as given.
         beta: step sizes ``(B, T, Hkv)`` in ``(0, 1)``.
-        s0: initial slots ``(Hkv, d, m)`` (a learned parameter; columns normalised on use when ``normalize``).
+        s0: initial slots ``(Hkv, d, m)`` (a learned parameter; columns normalised on use).
         chunk_size: tokens per chunk of the chunkwise backends.
         gates: ``"exact"`` (the recurrence) or ``"chunk"`` (gates frozen at each chunk start).
         orthogonal: write only the part of ``v`` orthogonal to the slot (False: additive write).
@@ -116,19 +116,23 @@ def lattice_attention(
         raise LatticeError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     backend = resolve_backend(backend, q.device, gates)
     dtype = compute_dtype(q.dtype)
-    if initial_state is None:
-        state = s0.to(dtype).unsqueeze(0).expand(q.shape[0], -1, -1, -1)
-    else:
-        state = initial_state.to(dtype)
-    if normalize:
-        state = normalize_slots(state)
+    if initial_state is None:  # the learned slots always start on the sphere (LATTICE.md §2-3)
+        state = normalize_slots(s0.to(dtype)).unsqueeze(0).expand(q.shape[0], -1, -1, -1)
+    else:  # a state to continue from is used as given, apart from the retraction of the normalised variants
+        state = normalize_slots(initial_state.to(dtype)) if normalize else initial_state.to(dtype)
     flags = dict(orthogonal=orthogonal, normalize=normalize)
     if backend == "recurrent":
         o, final_state = recurrent_lattice(q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), state, **flags)
     elif backend == "torch":
         o, final_state = chunk_lattice(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags)
     else:
-        raise LatticeError("the Triton backend is not built yet; use backend='torch'")
+        if q.dtype == torch.float64:
+            raise LatticeError("the 'triton' Lattice backend computes in float32; use backend='torch' for float64")
+        if gates == "chunk" and chunk_size % 16:
+            raise LatticeError(f"backend='triton' with gates='chunk' needs chunk_size to be a multiple of 16, got {chunk_size}")
+        from lattice_plugin.kernels.triton_chunk import chunk_lattice_triton
+
+        o, final_state = chunk_lattice_triton(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags)
     return o.to(q.dtype), (final_state if output_final_state else None)
 
 
