@@ -152,9 +152,23 @@ def lattice_step(
 
     q ``(B, Hq, m)``, k ``(B, Hkv, m)``, v ``(B, Hkv, d)``, beta ``(B, Hkv)``, state ``(B, Hkv, d, m)`` (float32).
     Returns ``(o (B, Hq, d) in the dtype of q, new_state)``; with ``inplace`` the new state is written into ``state``
-    and ``state`` itself is returned.
+    and ``state`` itself is returned. On CUDA (float32 contiguous state, no gradient needed) this is one fused
+    Triton kernel; otherwise the token-by-token reference.
     """
     dtype = state.dtype
+    tensors = (q, k, v, beta, state)
+    if (
+        state.is_cuda
+        and dtype == torch.float32
+        and state.is_contiguous()
+        and triton_available()
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    ):
+        from lattice_plugin.kernels.triton_step import lattice_step_triton
+
+        return lattice_step_triton(
+            q, k, v, beta, state, orthogonal=orthogonal, normalize=normalize, out_state=state if inplace else None
+        )
     o, new_state = recurrent_step(
         state, q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), orthogonal=orthogonal, normalize=normalize
     )
