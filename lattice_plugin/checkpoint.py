@@ -6,6 +6,7 @@ layouts; directories are written to a temporary sibling and renamed into place o
 """
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -39,6 +40,10 @@ def find_weights(checkpoint_dir: Path) -> Path:
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Model weights from a ``.safetensors`` or ``.pth`` file: a flat state dict, litgpt's ``{"model": ...}`` or a
     pretraining state (``_orig_mod.`` prefixes of a compiled model are removed)."""
+    import pickle
+
+    from safetensors import SafetensorError
+
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -47,8 +52,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state_dict = load_file(str(path))
         else:
             state_dict = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError) as error:
-        raise LatticeError(f"cannot read weights from {str(path)!r}: {error}") from None
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
+        raise LatticeError(f"cannot read weights from {str(path)!r}: {_first_line(error)}") from None
     if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
         state_dict = state_dict["model"]
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -61,6 +66,7 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({key: value.detach().contiguous().clone() for key, value in state_dict.items()}, str(path))
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates the file owner-only; use the mode open() would give
 
 
 @contextlib.contextmanager
@@ -76,6 +82,7 @@ def atomic_directory(out_dir: Path, force: bool = False) -> Iterator[Path]:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        os.chmod(tmp_dir, 0o777 & ~_umask())  # mkdtemp makes it owner-only; the result should be like mkdir's
         yield tmp_dir
         if out_dir.exists():
             old_dir = out_dir.with_name(f".{out_dir.name}.old-{tmp_dir.name}")
@@ -98,8 +105,10 @@ def load_config(checkpoint_dir: Path, **overrides: Any) -> "LatticeConfig":
         raise LatticeError(f"{str(checkpoint_dir)!r} is not a checkpoint directory: model_config.yaml is missing")
     try:
         return LatticeConfig.from_file(config_file, **overrides)
-    except (TypeError, yaml.YAMLError) as error:
-        raise LatticeError(f"cannot read {str(config_file)!r}: {error}") from None
+    except LatticeError:
+        raise
+    except (TypeError, ValueError, AssertionError, OSError, yaml.YAMLError) as error:
+        raise LatticeError(f"cannot read {str(config_file)!r}: {_first_line(error)}") from None
 
 
 def load_model(
@@ -134,3 +143,15 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         problems.append(f"shape of {key} is {tuple(state_dict[key].shape)}, the config needs {expected[key]}")
     if problems:
         raise LatticeError(f"weights in {str(source)!r} do not match model_config.yaml: {'; '.join(problems)}")
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (library errors can span many lines; the CLI prints one)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
