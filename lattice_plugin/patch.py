@@ -8,6 +8,7 @@ process of a multi-process launch, since each one re-runs the ``lattice`` comman
 """
 
 import importlib
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -62,6 +63,55 @@ def load_checkpoint(fabric: L.Fabric, model: Any, checkpoint_path: Path, strict:
         raise LatticeError(f"{str(checkpoint_path)!r} lacks weights the model needs: {', '.join(missing[:5])}")
 
 
+def merge_lora(
+    checkpoint_dir: Path, pretrained_checkpoint_dir: Optional[Path] = None, precision: Optional[str] = None
+) -> None:
+    """Merges the LoRA weights with the base model (litgpt's ``merge_lora``, reading the base weights from
+    ``lit_model.pth`` or ``model.safetensors`` and every file with ``weights_only=True``).
+
+    Arguments:
+        checkpoint_dir: Path to the checkpoint directory with trained LoRA weights, which is the output of
+            ``lattice finetune_lora``.
+        pretrained_checkpoint_dir: Optional path to the checkpoint directory with the weights of the base model.
+            By default, it is read from the metadata in ``checkpoint_dir``.
+        precision: Optional precision setting to instantiate the model weights in. By default, it is read from the
+            metadata in ``checkpoint_dir``.
+    """
+    import torch
+    from litgpt.lora import lora_filter, merge_lora_weights
+    from litgpt.scripts.merge_lora import load_lora_metadata
+    from litgpt.utils import extend_checkpoint_dir
+
+    checkpoint_dir = extend_checkpoint_dir(Path(checkpoint_dir))
+    check_valid_checkpoint_dir(checkpoint_dir, model_filename="lit_model.pth.lora")
+    if (checkpoint_dir / "lit_model.pth").is_file():
+        print("LoRA weights have already been merged in this checkpoint.")
+        return
+    lora_params, meta_pretrained_checkpoint_dir, lora_precision = load_lora_metadata(checkpoint_dir)
+    precision = precision if precision is not None else lora_precision
+    pretrained_checkpoint_dir = extend_checkpoint_dir(Path(pretrained_checkpoint_dir or meta_pretrained_checkpoint_dir))
+    check_valid_checkpoint_dir(pretrained_checkpoint_dir)
+
+    fabric = L.Fabric(devices=1, precision=precision, accelerator="cpu")
+    config = LoRALatticeConfig.from_file(checkpoint_dir / "model_config.yaml", **lora_params)
+    with fabric.init_module(), torch.device("meta"):
+        model = LoRALatticeGPT(config)
+        model.cos = model.sin = None  # not needed to merge
+    state_dict = load_state_dict(find_weights(pretrained_checkpoint_dir))
+    lora_state_dict = load_state_dict(checkpoint_dir / "lit_model.pth.lora")
+    state_dict.update(lora_state_dict)
+    model.load_state_dict(state_dict, assign=True)
+    # LoRA fine-tuning saves only the LoRA weights: their dtype is the expected one (as in litgpt)
+    model.to(dtype=next(iter(lora_state_dict.values())).dtype, device="cpu")
+    merge_lora_weights(model)
+    merged = {k.replace("linear.", ""): v for k, v in model.state_dict().items() if not lora_filter(k, v)}
+    torch.save(merged, checkpoint_dir / "lit_model.pth")
+    fabric.print(f"Saved merged weights to {str(checkpoint_dir / 'lit_model.pth')!r}")
+
+
+MERGE_LORA_USERS = ("litgpt.scripts.merge_lora", "litgpt.finetune.lora", "litgpt.chat.base")
+
+
 def patch_litgpt() -> None:
     """Rebind litgpt's script globals to the Lattice classes (idempotent)."""
     global _litgpt_check_valid_checkpoint_dir
@@ -78,6 +128,11 @@ def patch_litgpt() -> None:
         for name, function in (("load_checkpoint", load_checkpoint), ("check_valid_checkpoint_dir", check_valid_checkpoint_dir)):
             if hasattr(module, name):
                 setattr(module, name, function)
+    # litgpt's merge_lora reads <base>/lit_model.pth with torch.load; converted checkpoints hold model.safetensors
+    for module_name in MERGE_LORA_USERS:
+        importlib.import_module(module_name).merge_lora = merge_lora
+    if "litgpt.__main__" in sys.modules:  # imported before patching by run_litgpt; a later import sees the rebinding
+        sys.modules["litgpt.__main__"].PARSER_DATA["merge_lora"] = merge_lora
     pretrain = importlib.import_module("litgpt.pretrain")
     pretrain.setup.__annotations__["model_config"] = Optional[LatticeConfig]
 
