@@ -27,14 +27,32 @@ COMPILE_PREFIX = "_orig_mod."
 
 
 def find_weights(checkpoint_dir: Path) -> Path:
-    """The weights file of a checkpoint directory (``model.safetensors`` first, then ``lit_model.pth``)."""
+    """The weights file of a checkpoint directory (``model.safetensors`` first, then ``lit_model.pth``).
+
+    A directory made by ``litgpt download`` holds the Hugging Face ``model.safetensors`` (HF tensor names) beside the
+    converted ``lit_model.pth``: there the litgpt file is the one that matches ``model_config.yaml``.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise LatticeError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
     for name in WEIGHT_FILES:
-        if (checkpoint_dir / name).is_file():
-            return checkpoint_dir / name
+        path = checkpoint_dir / name
+        if path.is_file():
+            if name == "model.safetensors" and (checkpoint_dir / "lit_model.pth").is_file() and _hf_names(path):
+                continue
+            return path
     raise LatticeError(f"{str(checkpoint_dir)!r} holds no weights (expected one of {', '.join(WEIGHT_FILES)})")
+
+
+def _hf_names(path: Path) -> bool:
+    """Whether a safetensors file holds Hugging Face tensor names rather than litgpt's (read from its header only)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return "transformer.wte.weight" not in file.keys()  # every litgpt model has this embedding
+    except (OSError, SafetensorError):
+        return False
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
