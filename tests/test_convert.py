@@ -37,6 +37,7 @@ def one_thread():
 
 
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+LATTICE = str(Path(sys.executable).with_name("lattice"))  # the console script of this environment, PATH or not
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,17 @@ def test_every_litgpt_weights_layout(layout, tokenizer_dir, tmp_path):
     )
 
 
+def test_litgpt_download_directory_uses_lit_model_pth(sources, tokenizer_dir, tmp_path):
+    """`litgpt download` keeps the HF model.safetensors (HF tensor names) and config.json beside lit_model.pth."""
+    source = Path(shutil.copytree(sources["llama"], tmp_path / "source"))
+    write_hf_llama_checkpoint(tmp_path / "hf", tokenizer_dir, name_or_path="x/y")
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(tmp_path / "hf" / name, source / name)
+    out = convert_checkpoint(source, tmp_path / "out", ConversionOptions(layers="1"))
+    assert all(bits_equal(weights(out)[k], v) for k, v in load_state_dict(source / "lit_model.pth").items())
+    assert "lit_model.pth" in json.loads((out / "conversion.json").read_text())["source_files_sha256"]
+
+
 @pytest.mark.parametrize("arch", ["llama", "neox"])
 def test_zero_layers_reproduce_source_logits(arch, sources, tmp_path):
     out = convert_checkpoint(sources[arch], tmp_path / "out", ConversionOptions(layers="none"), allow_empty=True)
@@ -228,7 +240,7 @@ def test_converted_model_forward_and_generate(arch, options, sources, tmp_path):
 
 def test_inspect_shows_layout_and_cache_comparison(hybrid_llama):
     result = subprocess.run(
-        ["lattice", "inspect", str(hybrid_llama)],
+        [LATTICE, "inspect", str(hybrid_llama)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -239,6 +251,18 @@ def test_inspect_shows_layout_and_cache_comparison(hybrid_llama):
     assert "lattice" in text and "attention" in text
     assert "2/4" in text or "lattice layers: [1, 3]" in text or "1, 3" in text  # the layout of the hybrid
     assert "cache" in text
+
+
+def test_lattice_generate_reads_converted_checkpoint(hybrid_llama):
+    result = subprocess.run(
+        [LATTICE, "generate", str(hybrid_llama), "--prompt", "The quick", "--max_new_tokens", "6"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ONE_THREAD_ENV,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "The quick" in result.stdout
 
 
 @pytest.mark.parametrize("arch", ["llama", "neox"])
@@ -257,7 +281,7 @@ def test_finetune_lora_on_converted_checkpoint(arch, sources, tmp_path):
         "--eval.final_validation false --devices 1 --precision 32-true --lora_key true --lora_projection true"
     ).split()
     result = subprocess.run(
-        ["lattice", "finetune_lora", str(out), *args], capture_output=True, text=True, timeout=600, env=ONE_THREAD_ENV
+        [LATTICE, "finetune_lora", str(out), *args], capture_output=True, text=True, timeout=600, env=ONE_THREAD_ENV
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     final = run_dir / "final"
