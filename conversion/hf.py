@@ -57,13 +57,18 @@ def resolve_model_name(source_dir: Path, model_name: str | None = None) -> str:
     else:
         name_or_path = str(hf_config.get("_name_or_path") or "")
         candidates = [source_dir.resolve().name, name_or_path, name_or_path.rstrip("/").rsplit("/", 1)[-1]]
+    mismatches = []
     for name in dict.fromkeys(candidate for candidate in candidates if candidate):
         try:
             config = Config.from_name(name)
         except ValueError:
             continue
-        _check_dimensions(hf_config, config, name, source_dir)
-        return config.name
+        mismatch = _dimension_mismatch(hf_config, config, name, source_dir)
+        if mismatch is None:
+            return config.name
+        mismatches.append(mismatch)
+    if mismatches:
+        raise LatticeError(mismatches[0])
     architecture = ", ".join(hf_config.get("architectures") or []) or hf_config.get("model_type") or "unknown"
     if model_name is not None:
         raise LatticeError(f"litgpt has no config named {model_name!r} (`litgpt download list` shows the known ones)")
@@ -74,13 +79,14 @@ def resolve_model_name(source_dir: Path, model_name: str | None = None) -> str:
     )
 
 
-def _check_dimensions(hf_config: dict, config: object, name: str, source_dir: Path) -> None:
+def _dimension_mismatch(hf_config: dict, config: object, name: str, source_dir: Path) -> str | None:
     for hf_key, field in HF_DIMENSIONS.items():
         if hf_config.get(hf_key) is not None and hf_config[hf_key] != getattr(config, field):
-            raise LatticeError(
+            return (
                 f"{str(source_dir)!r} does not match litgpt's config {name!r}: config.json has {hf_key}="
                 f"{hf_config[hf_key]}, {name!r} has {field}={getattr(config, field)}; pass the right --model-name"
             )
+    return None
 
 
 def weight_files(source_dir: Path) -> list[Path]:
