@@ -3,7 +3,12 @@ convert_pretrained_checkpoint``: litgpt's own commands, run with the Lattice cla
 
 Everything after the command name goes to litgpt's parser unchanged, so litgpt's flags, ``--config`` YAML recipes and
 ``--help`` work as documented by litgpt; a recipe selects Lattice with the ``lattice_*`` fields of ``model_config``.
+
+litgpt's pretrain always wraps the model in ``torch.compile``; on a CPU that costs more than it saves for the models
+one trains there, so compilation follows ``LATTICE_COMPILE``: ``auto`` (default: only with CUDA), ``1`` or ``0``.
 """
+
+import os
 
 import typer
 
@@ -23,10 +28,17 @@ LITGPT_COMMANDS = {
 
 def run_litgpt() -> None:
     """Patch litgpt, then hand ``sys.argv`` (``lattice <command> ...``) to litgpt's own CLI."""
+    import torch
     from litgpt.__main__ import main as litgpt_main
 
+    from lattice_plugin.errors import LatticeError
     from lattice_plugin.patch import patch_litgpt
 
+    compile_mode = os.environ.get("LATTICE_COMPILE", "auto")
+    if compile_mode not in ("auto", "0", "1"):
+        raise LatticeError(f"LATTICE_COMPILE must be auto, 0 or 1, got {compile_mode!r}")
+    if compile_mode == "0" or (compile_mode == "auto" and not torch.cuda.is_available()):
+        torch._dynamo.config.disable = True  # torch.compile(model) then returns the model unchanged
     patch_litgpt()
     litgpt_main()
 

@@ -1,0 +1,51 @@
+"""Shared fixtures: a small slice of the shipped text with its tokenizer, and a runner for the ``lattice`` command."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lattice_plugin.corpus import shipped_corpus, train_tokenizer
+
+TINY_MODEL = dict(
+    name="tiny",
+    block_size=64,
+    vocab_size=512,
+    padding_multiple=64,
+    n_layer=3,
+    n_head=4,
+    n_query_groups=2,
+    n_embd=32,
+    rotary_percentage=1.0,
+    parallel_residual=False,
+    bias=False,
+    norm_class_name="RMSNorm",
+    mlp_class_name="LLaMAMLP",
+    intermediate_size=64,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/ (80 KB of the shipped training text), val/ (8 KB of the held-out text) and a 512-token tokenizer."""
+    root = tmp_path_factory.mktemp("corpus")
+    source = shipped_corpus()
+    for split, size in (("train", 80_000), ("val", 8_000)):
+        (root / split).mkdir()
+        text = sorted((source / split).glob("*.txt"))[0].read_text(encoding="utf-8")[:size]
+        (root / split / f"{split}.txt").write_text(text, encoding="utf-8")
+    train_tokenizer([root / "train" / "train.txt"], root / "tokenizer", vocab_size=512)
+    return root
+
+
+def run_lattice(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the ``lattice`` command as a user would (a fresh process), capturing its output."""
+    env = {**os.environ, "COLUMNS": "160"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lattice_plugin", *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"lattice {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
