@@ -303,3 +303,23 @@ def test_report_tables():
     markdown = report.markdown_table(table, ["teacher", "student"])
     assert "| t | acc | ↑ | 0.5000 ± 0.1000 | 0.2500 |" in markdown
     assert "teacher" in report.text_table(table, ["teacher", "student"])
+
+
+def test_eval_config_file_sets_options_and_flags_win(tmp_path, monkeypatch):
+    import lattice_plugin.evaluation.runner as runner
+    from lattice_plugin.cli import main
+
+    calls = []
+    monkeypatch.setattr(runner, "run_eval", lambda *args, **kwargs: calls.append(args))
+    recipe = Path(__file__).parents[1] / "recipes" / "eval" / "quick.yaml"
+    monkeypatch.setattr(sys, "argv", ["lattice", "eval", "ckpt", "--config", str(recipe), "--limit", "3"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code in (0, None)
+    checkpoints, tasks, out_dir, settings, data_config, tasks_dir = calls[0]
+    assert tasks == "lattice_suite" and settings.limit == 3 and data_config.passkey_lengths == [64, 128, 256]
+    (tmp_path / "bad.yaml").write_text("no_such_option: 1\n")
+    monkeypatch.setattr(sys, "argv", ["lattice", "eval", "ckpt", "--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2

@@ -20,31 +20,38 @@ def _ints(text: str, name: str) -> list[int]:
         raise LatticeError(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
-def _data_config(text, seed, kv_pairs, kv_context_words, kv_items, passkey_lengths, passkey_items, cloze_items,
-                 ppl_doc_chars, ppl_max_docs):
+def _data_config(p: dict):
     from lattice_plugin.evaluation.data import TaskDataConfig
 
+    lengths = p["passkey_lengths"]
+    lengths = [int(n) for n in lengths] if isinstance(lengths, list) else _ints(str(lengths), "passkey_lengths")
     return TaskDataConfig(
-        text=str(text) if text else None,
-        seed=seed,
-        kv_pairs=kv_pairs,
-        kv_context_words=kv_context_words,
-        kv_items=kv_items,
-        passkey_lengths=_ints(passkey_lengths, "--passkey-lengths"),
-        passkey_items=passkey_items,
-        cloze_items=cloze_items,
-        ppl_doc_chars=ppl_doc_chars,
-        ppl_max_docs=ppl_max_docs,
+        text=str(p["text"]) if p["text"] else None,
+        seed=int(p["seed"]),
+        kv_pairs=int(p["kv_pairs"]),
+        kv_context_words=int(p["kv_context_words"]),
+        kv_items=int(p["kv_items"]),
+        passkey_lengths=lengths,
+        passkey_items=int(p["passkey_items"]),
+        cloze_items=int(p["cloze_items"]),
+        ppl_doc_chars=int(p["ppl_doc_chars"]),
+        ppl_max_docs=p["ppl_max_docs"],
     )
 
 
 @app.command("eval")
 def eval_command(
-    checkpoint_dirs: list[Path] = typer.Argument(..., help="Checkpoint directories (Lattice, hybrid or litgpt)."),
-    tasks: str = typer.Option(
-        ..., "--tasks", "-t",
+    ctx: typer.Context,
+    checkpoint_dirs: Optional[list[Path]] = typer.Argument(
+        None, help="Checkpoint directories (Lattice, hybrid or litgpt), compared side by side."
+    ),
+    tasks: Optional[str] = typer.Option(
+        None, "--tasks", "-t",
         help="Comma-separated tasks, groups or tags: lattice_suite (all shipped), lattice_ppl, lattice_kv_recall, "
         "lattice_passkey, lattice_cloze, or stock lm-eval tasks whose data is available locally.",
+    ),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="YAML of option values (e.g. recipes/eval/*.yaml); flags given here win."
     ),
     out_dir: Path = typer.Option(Path("out/eval"), "--out", help="Output directory (results, summary, task data)."),
     text: Optional[Path] = typer.Option(None, "--text", help=TEXT_HELP),
@@ -74,31 +81,67 @@ def eval_command(
 ) -> None:
     """Run lm-eval offline on one or more checkpoints and print a side-by-side table (metric ± stderr); write
     OUT/results.json, OUT/lm-eval/<checkpoint>.json, OUT/summary.md and OUT/summary.png."""
+    from lattice_plugin.errors import LatticeError
     from lattice_plugin.evaluation.runner import EvalSettings, run_eval
 
+    p = _merge_config(ctx, config)
+    if not p["checkpoint_dirs"]:
+        raise LatticeError("give at least one checkpoint directory (or checkpoint_dirs in the --config file)")
+    if not p["tasks"]:
+        raise LatticeError("give --tasks (e.g. lattice_suite), or tasks in the --config file")
     data_config = None
-    if tasks_dir is None:
-        data_config = _data_config(text, seed, kv_pairs, kv_context_words, kv_items, passkey_lengths, passkey_items,
-                                   cloze_items, ppl_doc_chars, ppl_max_docs)
-    elif text is not None:
-        from lattice_plugin.errors import LatticeError
-
+    if p["tasks_dir"] is None:
+        data_config = _data_config(p)
+    elif p["text"] is not None:
         raise LatticeError("--text and --tasks-dir exclude each other: pass --text to `lattice eval-data` instead")
+    limit = p["limit"]
     settings = EvalSettings(
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        max_length=max_length,
-        max_gen_toks=max_gen_toks,
-        use_cache=not no_cache,
+        device=p["device"],
+        dtype=p["dtype"],
+        batch_size=int(p["batch_size"]),
+        max_length=p["max_length"],
+        max_gen_toks=int(p["max_gen_toks"]),
+        use_cache=not p["no_cache"],
         limit=int(limit) if limit is not None and limit >= 1 and limit == int(limit) else limit,
-        num_fewshot=num_fewshot,
-        bootstrap_iters=bootstrap_iters,
-        seed=seed,
-        log_samples=log_samples,
-        include_path=[str(p) for p in include_path],
+        num_fewshot=p["num_fewshot"],
+        bootstrap_iters=int(p["bootstrap_iters"]),
+        seed=int(p["seed"]),
+        log_samples=bool(p["log_samples"]),
+        include_path=[str(path) for path in p["include_path"]],
     )
-    run_eval(checkpoint_dirs, tasks, out_dir, settings, data_config, tasks_dir, echo=typer.echo)
+    checkpoints = [Path(path) for path in p["checkpoint_dirs"]]
+    tasks_dir = Path(p["tasks_dir"]) if p["tasks_dir"] else None
+    run_eval(checkpoints, p["tasks"], Path(p["out_dir"]), settings, data_config, tasks_dir, echo=typer.echo)
+
+
+def _merge_config(ctx: typer.Context, config: Optional[Path]) -> dict:
+    """The command's parameters, with values from a YAML file where the command line left the default."""
+    from lattice_plugin.errors import LatticeError
+
+    params = dict(ctx.params)
+    if config is None:
+        return params
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise LatticeError(f"cannot read --config {str(config)!r}: {error}") from None
+    if not isinstance(values, dict):
+        raise LatticeError(f"--config {str(config)!r} must hold a mapping of option names to values")
+    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - set(params) - {"config"})
+    if unknown:
+        raise LatticeError(f"unknown option(s) in {str(config)!r}: {', '.join(unknown)}")
+    for key, value in values.items():
+        source = ctx.get_parameter_source(key)  # compared by name: typer may bring its own copy of click
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            if key == "tasks" and isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            if key == "checkpoint_dirs" and isinstance(value, str):
+                value = [value]
+            params[key] = value
+    return params
 
 
 @app.command("eval-data")
@@ -120,7 +163,5 @@ def eval_data_command(
     `lattice eval --tasks-dir` or lm-eval's own command line (`python -m lattice_plugin.evaluation`)."""
     from lattice_plugin.evaluation.data import prepare_tasks
 
-    config = _data_config(text, seed, kv_pairs, kv_context_words, kv_items, passkey_lengths, passkey_items,
-                          cloze_items, ppl_doc_chars, ppl_max_docs)
-    tasks_path = prepare_tasks(out_dir, config, force=force)
+    tasks_path = prepare_tasks(out_dir, _data_config(locals()), force=force)
     typer.echo(f"wrote {out_dir}/data and {out_dir}/tasks; run lm-eval with --include_path {tasks_path}")
