@@ -184,12 +184,23 @@ def check_task_data(manager, names: list[str]) -> None:
             needs = _data_requirements(manager, name)
             cause = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
             what = "; ".join(needs[:5]) + (" ..." if len(needs) > 5 else "") if needs else "data that is not here"
-            cache = os.environ.get("HF_DATASETS_CACHE") or "~/.cache/huggingface/datasets"
+            try:
+                import datasets.config
+
+                cache = str(datasets.config.HF_DATASETS_CACHE)
+            except ImportError:
+                cache = "~/.cache/huggingface/datasets"
+            example = "datasets.load_dataset(PATH, CONFIG)"
+            hub = [need for need in needs if need.startswith("the Hugging Face dataset ")]
+            if hub:
+                dataset = hub[0].removeprefix("the Hugging Face dataset ")
+                path, _, config = dataset.partition(" (config ")
+                example = f"datasets.load_dataset({path!r}" + (f", {config.rstrip(')')!r})" if config else ")")
             raise LatticeError(
                 f"task {name!r} cannot load its data offline ({type(error).__name__}: {cause}). It needs {what}. "
-                f"Nothing is downloaded at run time: fetch the dataset once where there is network (e.g. "
-                f"`python -c \"import datasets; datasets.load_dataset(...)\"`), copy the Hugging Face cache to this "
-                f"machine ({cache}), or run the shipped tasks ({SUITE_TAG})"
+                f"Nothing is downloaded at run time: fetch it once where there is network (python -c \"import "
+                f"datasets; {example}\"), copy the Hugging Face cache to this machine ({cache}), or run the "
+                f"shipped tasks ({SUITE_TAG})"
             ) from None
 
 
