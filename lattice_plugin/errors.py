@@ -6,7 +6,17 @@ class LatticeError(ValueError):
 
 
 class LatticeConfigError(LatticeError):
-    """An invalid Lattice field in a model config (raised when the config is built)."""
+    """An invalid Lattice field in a model config (raised when the config is built).
+
+    The newest one is kept in ``last``: parsers that build configs (jsonargparse for litgpt's recipes) report it
+    only as text inside their own error, and the CLI uses ``last`` to print it alone.
+    """
+
+    last: "LatticeConfigError | None" = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        LatticeConfigError.last = self
 
 
 class LatticeCacheError(LatticeError):

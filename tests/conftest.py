@@ -6,8 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lattice_plugin.corpus import shipped_corpus, train_tokenizer
+
+# Tiny models on a 2-core machine: more threads than work per op only adds contention (20x slower seen under load).
+torch.set_num_threads(1)
 
 TINY_MODEL = dict(
     name="tiny",
@@ -42,7 +46,7 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_lattice(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """Run the ``lattice`` command as a user would (a fresh process), capturing its output."""
-    env = {**os.environ, "COLUMNS": "160"}
+    env = {**os.environ, "COLUMNS": "160", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "lattice_plugin", *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env
     )

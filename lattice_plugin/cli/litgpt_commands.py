@@ -31,7 +31,7 @@ def run_litgpt() -> None:
     import torch
     from litgpt.__main__ import main as litgpt_main
 
-    from lattice_plugin.errors import LatticeError
+    from lattice_plugin.errors import LatticeConfigError, LatticeError
     from lattice_plugin.patch import patch_litgpt
 
     compile_mode = os.environ.get("LATTICE_COMPILE", "auto")
@@ -40,7 +40,13 @@ def run_litgpt() -> None:
     if compile_mode == "0" or (compile_mode == "auto" and not torch.cuda.is_available()):
         torch._dynamo.config.disable = True  # torch.compile(model) then returns the model unchanged
     patch_litgpt()
-    litgpt_main()
+    try:
+        litgpt_main()
+    except ValueError as error:
+        config_error = LatticeConfigError.last
+        if config_error is not None and str(config_error) in str(error):  # wrapped by jsonargparse
+            raise config_error from None
+        raise
 
 
 def _register(name: str, summary: str) -> None:
