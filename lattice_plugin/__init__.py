@@ -1,9 +1,23 @@
 """Lattice for litgpt: a recurrent token mixer with a fixed number of unit-norm memory slots (arXiv 2504.05646)."""
 
+import importlib
+from typing import Any
+
 from lattice_plugin.errors import LatticeCacheError, LatticeConfigError, LatticeError
 from lattice_plugin.ops import lattice_attention, lattice_step
 
 __version__ = "0.1.0"
+
+# the litgpt classes import litgpt; load them on first use so that `lattice --help` stays fast
+_LAZY = {
+    "LatticeConfig": "lattice_plugin.config",
+    "LatticeMixer": "lattice_plugin.model",
+    "LatticeBlock": "lattice_plugin.model",
+    "LatticeGPT": "lattice_plugin.model",
+    "LoRALatticeConfig": "lattice_plugin.lora",
+    "LoRALatticeGPT": "lattice_plugin.lora",
+    "patch_litgpt": "lattice_plugin.patch",
+}
 
 __all__ = [
     "LatticeCacheError",
@@ -11,4 +25,11 @@ __all__ = [
     "LatticeError",
     "lattice_attention",
     "lattice_step",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lattice_plugin' has no attribute {name!r}")

@@ -1,9 +1,11 @@
 """The Lattice config, model, cache and LoRA classes inside litgpt."""
 
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from litgpt.config import Config
 from litgpt.generate.base import generate
 from litgpt.lora import mark_only_lora_as_trainable, merge_lora_weights
@@ -214,3 +216,9 @@ def test_lora_model_loads_base_weights_trains_only_lora_and_merges():
     before = model(idx)
     merge_lora_weights(model)
     assert (model(idx) - before).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "recipes" / "pretrain").glob("*.yaml")), ids=str)
+def test_shipped_pretrain_recipes_build_valid_configs(recipe):
+    config = LatticeConfig(**yaml.safe_load(recipe.read_text())["model_config"])
+    assert config.n_layer > 0
