@@ -28,6 +28,7 @@ CS_EXACT = 64  # tokens between stored states for gates="exact" (a free choice: 
 BM_SCAN = 16  # slots per program of the sequential sweeps
 BV_READ = 64  # value columns per program of the parallel passes
 BK_DQ = 64  # slots per program of the dq pass
+SCAN_WARPS = 2  # warps per program of the sequential sweeps (bench/NOTES.md: timed against 1 and 4)
 
 
 @triton.jit
@@ -203,7 +204,7 @@ def _fwd_scan_kernel(
             Y = tl.dot(Vf, tl.load(p_sc), input_precision=PREC)
         W = tl.zeros([BCC, BM], dtype=tl.float32)
         A = tl.full([BM], 1.0, dtype=tl.float32)
-        for j in tl.static_range(BCC):
+        for j in tl.range(0, BCC):
             t = t0 + j
             live = t < T
             tk = tok0 + t * H
@@ -273,7 +274,7 @@ def _chunk_read_kernel(
             A = tl.full([BK], 1.0, dtype=tl.float32)
             XA = tl.zeros([BCC, BK], dtype=tl.float32)
             Mt = tl.zeros([BCC, BCC], dtype=tl.float32)
-            for j in tl.static_range(BCC):
+            for j in tl.range(0, BCC):
                 t = t0 + j
                 live = t < T
                 sel = (o_c == j)[:, None]
@@ -399,7 +400,7 @@ def _bwd_scan_kernel(
             Lcur = L_end
             Ncur = N_end
             DC = tl.zeros([BCC, BM], dtype=tl.float32)
-            for jj in tl.static_range(BCC):
+            for jj in tl.range(0, BCC):
                 j = BCC - 1 - jj
                 t = t0 + j
                 live = t < T
@@ -494,7 +495,7 @@ def _bwd_dq_kernel(
         A = tl.full([BK], 1.0, dtype=tl.float32)
         FA = tl.zeros([BCC, BK], dtype=tl.float32)
         DI = tl.zeros([BCC, BK], dtype=tl.float32)
-        for j in tl.static_range(BCC):
+        for j in tl.range(0, BCC):
             t = t0 + j
             live = t < T
             sel = (o_c == j)[:, None]
@@ -547,7 +548,7 @@ def _bwd_dv_kernel(
         R = tl.full([BK], 1.0, dtype=tl.float32)  # adjoint's weight on g (end of the sub-chunk)
         BR = tl.zeros([BCC, BK], dtype=tl.float32)
         Mz = tl.zeros([BCC, BCC], dtype=tl.float32)
-        for jj in tl.static_range(BCC):
+        for jj in tl.range(0, BCC):
             j = BCC - 1 - jj
             t = t0 + j
             live = t < T
@@ -574,7 +575,7 @@ def _bwd_dv_kernel(
             DOg = tl.load(do + qtok[:, None] * D + o_v[None, :], mask=vt_mask, other=0.0).to(tl.float32)
             Mb = tl.zeros([BCC, BCC], dtype=tl.float32)
             Oq = tl.zeros([BCC, BK], dtype=tl.float32)
-            for jj in tl.static_range(BCC):
+            for jj in tl.range(0, BCC):
                 j = BCC - 1 - jj
                 t = t0 + j
                 sel = (o_c == j)[:, None]
@@ -634,7 +635,7 @@ def lattice_fwd(q, k, v, beta, state, setup: _Setup):
     scratch = s.new(s.B * s.H * n_mb * s.BD * s.BM, like=q) if not s.exact else c
     _fwd_scan_kernel[(n_mb, s.B * s.H)](
         k, v, beta, state, gram, c, ns, states, final, scratch, s.T, s.NC,
-        s.H, s.M, s.D, BC, s.CS, s.BM, s.BD, s.exact, PREC=s.prec, **s.flags, num_warps=1,
+        s.H, s.M, s.D, BC, s.CS, s.BM, s.BD, s.exact, PREC=s.prec, **s.flags, num_warps=SCAN_WARPS,
     )
     o = torch.empty(s.B, s.T, s.HQ, s.D, device=q.device, dtype=q.dtype)
     _chunk_read_kernel[(triton.cdiv(s.D, BV_READ), s.NC, s.B * s.HQ)](
@@ -660,7 +661,7 @@ def lattice_bwd(do, d_final, q, k, v, beta, saved, setup: _Setup):
         q, do, k, v, beta, gram, hgram, c, ns, states, d_final if d_final is not None else dc, scratch,
         dc, dgamma, dvv, g_end, d_init, s.T, s.NC,
         s.HQ, s.H, s.M, s.D, BC, s.CS, s.BM, s.BD, s.exact, HAS_DFINAL=d_final is not None, PREC=s.prec,
-        **s.flags, num_warps=1,
+        **s.flags, num_warps=SCAN_WARPS,
     )
     dq = torch.empty_like(q)
     bk = min(BK_DQ, s.BK)
