@@ -41,18 +41,29 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device, gates: str) -> str:
+def resolve_backend(
+    backend: str, device: torch.device, gates: str, dtype: torch.dtype = torch.float32, chunk_size: int = 64
+) -> str:
     """Turn ``"auto"`` into a concrete backend and refuse combinations that do not exist."""
     if backend not in BACKENDS:
         raise LatticeError(f"unknown Lattice backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if gates not in GATES:
         raise LatticeError(f"unknown Lattice gates mode {gates!r}; choose 'exact' or 'chunk'")
+    triton_limits = None  # why the Triton kernels cannot serve this call, if they cannot
+    if dtype == torch.float64:
+        triton_limits = "the 'triton' Lattice backend computes in float32; use backend='torch' for float64"
+    elif gates == "chunk" and chunk_size % 16:
+        triton_limits = f"backend='triton' with gates='chunk' needs chunk_size to be a multiple of 16, got {chunk_size}"
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        usable = device.type == "cuda" and triton_available() and triton_limits is None
+        return "triton" if usable else "torch"
     if backend == "recurrent" and gates == "chunk":
         raise LatticeError("gates='chunk' freezes gates per chunk and needs a chunked backend ('torch' or 'triton')")
-    if backend == "triton" and device.type != "cuda":
-        raise LatticeError("the 'triton' Lattice backend needs CUDA tensors; use backend='torch' on the CPU")
+    if backend == "triton":
+        if device.type != "cuda":
+            raise LatticeError("the 'triton' Lattice backend needs CUDA tensors; use backend='torch' on the CPU")
+        if triton_limits is not None:
+            raise LatticeError(triton_limits)
     return backend
 
 
@@ -114,7 +125,7 @@ def lattice_attention(
     _check_shapes(q, k, v, beta, s0, initial_state)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise LatticeError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    backend = resolve_backend(backend, q.device, gates)
+    backend = resolve_backend(backend, q.device, gates, q.dtype, chunk_size)
     dtype = compute_dtype(q.dtype)
     if initial_state is None:  # the learned slots always start on the sphere (LATTICE.md §2-3)
         state = normalize_slots(s0.to(dtype)).unsqueeze(0).expand(q.shape[0], -1, -1, -1)
@@ -126,10 +137,6 @@ def lattice_attention(
     elif backend == "torch":
         o, final_state = chunk_lattice(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags)
     else:
-        if q.dtype == torch.float64:
-            raise LatticeError("the 'triton' Lattice backend computes in float32; use backend='torch' for float64")
-        if gates == "chunk" and chunk_size % 16:
-            raise LatticeError(f"backend='triton' with gates='chunk' needs chunk_size to be a multiple of 16, got {chunk_size}")
         from lattice_plugin.kernels.triton_chunk import chunk_lattice_triton
 
         o, final_state = chunk_lattice_triton(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags)
