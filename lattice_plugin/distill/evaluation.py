@@ -1,0 +1,109 @@
+"""Held-out perplexity (over all ranks), generation-cache bytes and decode speed for the distillation report."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def batch_count(fabric: Any, loader: Any, max_iters: int | None) -> int:
+    """Batches every rank evaluates: the same number on all ranks (FSDP forwards are collective)."""
+    try:
+        count = len(loader)
+    except TypeError:
+        count = max_iters if max_iters is not None else 0
+    if max_iters is not None:
+        count = min(count, max_iters)
+    if fabric.world_size > 1:
+        count = _all_reduce_min(fabric, count)
+    return count
+
+
+def _all_reduce_min(fabric: Any, value: int) -> int:
+    import torch.distributed as dist
+
+    tensor = torch.tensor(value, device=fabric.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+@torch.no_grad()
+def heldout_loss(fabric: Any, model: Any, loader: Any, max_iters: int | None, autocast: bool = True) -> dict[str, float]:
+    """Mean next-token cross-entropy over the first ``max_iters`` batches of every rank (None: all), its perplexity
+    and the number of tokens scored (all ranks)."""
+    count = batch_count(fabric, loader, max_iters)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=fabric.device, dtype=torch.float64)
+    tokens = torch.zeros((), device=fabric.device, dtype=torch.float64)
+    iterator = iter(loader)
+    for _ in range(count):
+        batch = next(iterator).to(fabric.device)
+        inputs, targets = batch[:, :-1].long(), batch[:, 1:].long()
+        if autocast:
+            with fabric.autocast():
+                logits = model(inputs)
+        else:
+            logits = model(inputs)
+        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").double()
+        tokens += targets.numel()
+    stats = torch.stack([total, tokens])
+    if fabric.world_size > 1:
+        stats = fabric.all_reduce(stats, reduce_op="sum")
+    model.train(was_training)
+    loss = (stats[0] / stats[1].clamp(min=1)).item()
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(stats[1].item()), "batches": count}
+
+
+def cache_bytes_at(config: Any, lengths: list[int], dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Generation-cache bytes for one sequence at each context length (KV caches in ``dtype``, Lattice states in
+    float32), read off the real cache modules on the meta device."""
+    from lattice_plugin.inspect import build_meta_model, cache_bytes
+
+    model = build_meta_model(config)
+    return {str(length): cache_bytes(model, length, 1, dtype) for length in lengths}
+
+
+@torch.inference_mode()
+def decode_speed(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int = 2) -> dict[str, Any]:
+    """Greedy generation of ``new_tokens`` after ``prompt`` (1-D token ids) through the model's cache, batch 1.
+
+    The first run warms up (kernels, allocator); the best of ``repeats`` timed runs is reported, prefill excluded.
+    """
+    device = prompt.device
+    length = prompt.numel() + new_tokens
+    if length > model.max_seq_length:
+        raise ValueError(f"prompt + new tokens ({length}) exceed the model's max_seq_length ({model.max_seq_length})")
+    model.set_kv_cache(batch_size=1, max_seq_length=model.max_seq_length, device=device)
+
+    def run() -> tuple[float, list[int]]:
+        positions = torch.arange(prompt.numel(), device=device)
+        logits = model(prompt.view(1, -1), input_pos=positions)
+        token = logits[0, -1].argmax()
+        generated = [token]
+        _synchronize(device)
+        start = time.perf_counter()
+        for step in range(new_tokens - 1):
+            position = torch.tensor([prompt.numel() + step], device=device)
+            logits = model(token.view(1, 1), input_pos=position)
+            token = logits[0, -1].argmax()
+            generated.append(token)
+        _synchronize(device)
+        return time.perf_counter() - start, [int(t) for t in generated]
+
+    try:
+        run()
+        seconds, tokens = min((run() for _ in range(repeats)), key=lambda result: result[0])
+    finally:
+        model.clear_kv_cache()
+    steps = max(new_tokens - 1, 1)
+    return {"tokens_per_sec": steps / seconds, "new_tokens": new_tokens, "prompt_tokens": prompt.numel(), "tokens": tokens}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

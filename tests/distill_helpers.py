@@ -1,0 +1,82 @@
+"""A tiny attention teacher and its Lattice conversion for the distillation tests (random weights, made in a second;
+the tokenizer and text are conftest's ``tiny_corpus``)."""
+
+import shutil
+from pathlib import Path
+
+import torch
+from litgpt.config import Config
+from litgpt.model import GPT
+from litgpt.utils import save_config
+
+from conftest import TINY_MODEL
+from lattice_plugin.conversion.convert import ConversionOptions, convert_checkpoint
+
+
+def make_teacher(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A litgpt checkpoint directory (model_config.yaml, lit_model.pth, tokenizer) of the conftest tiny model."""
+    config = Config(**TINY_MODEL)
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():  # litgpt's default init is tiny; give the attention outputs some size
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.2)
+    out_dir.mkdir(parents=True)
+    save_config(config, out_dir)
+    torch.save(model.state_dict(), out_dir / "lit_model.pth")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, out_dir / name)
+    return out_dir
+
+
+def make_pair(root: Path, tokenizer_dir: Path, keep_attention: str | None = None) -> tuple[Path, Path]:
+    """(teacher, converted student) under ``root``."""
+    teacher = make_teacher(root / "teacher", tokenizer_dir)
+    student = convert_checkpoint(teacher, root / "student", ConversionOptions(keep_attention=keep_attention))
+    return teacher, student
+
+
+def distill_flags(student: Path, teacher: Path, out_dir: Path, corpus: Path, *extra: str) -> list[str]:
+    """Flags of a seconds-long run: 256-token steps, checkpoints every 2 steps, whole-split validation at the ends."""
+    return [
+        "--student_dir", str(student),
+        "--teacher_dir", str(teacher),
+        "--out_dir", str(out_dir),
+        "--data.class_path", "litgpt.data.TextFiles",
+        "--data.train_data_path", str(corpus / "train"),
+        "--data.val_data_path", str(corpus / "val"),
+        "--data.num_workers", "0",
+        "--train.global_batch_size", "4",
+        "--train.micro_batch_size", "2",
+        "--train.max_seq_length", "64",
+        "--train.save_interval", "2",
+        "--train.log_interval", "1",
+        "--stage1.max_steps", "4",
+        "--stage1.lr", "0.05",
+        "--stage2.max_steps", "4",
+        "--stage2.lr", "0.002",
+        "--eval.interval", "2",
+        "--eval.max_iters", "2",
+        "--eval.final_max_iters", "4",
+        "--eval.decode_tokens", "8",
+        "--eval.prompt_tokens", "8",
+        "--eval.cache_lengths", "[64, 4096]",
+        "--precision", "32-true",
+        *extra,
+    ]
+
+
+def run_cli(*args: str, cwd: Path, check: bool = True):
+    """``lattice ARGS`` in a fresh process on one CPU thread (the CI machine has two cores, shared)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "160", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lattice_plugin", *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"lattice {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result

@@ -1,0 +1,191 @@
+"""``lattice distill`` on a tiny random teacher and its conversion (CPU, one thread, seconds per run): what each
+stage trains, the report, resumption, and the errors for bad checkpoints and recipes."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_helpers import distill_flags, make_pair, run_cli
+from lattice_plugin.checkpoint import load_model, load_state_dict
+from lattice_plugin.distill.args import parse
+from lattice_plugin.distill.losses import AttentionTransfer, lattice_parameter_names
+from lattice_plugin.distill.trainer import distill
+from lattice_plugin.errors import LatticeError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_pair(tmp_path_factory.mktemp("pair"), tiny_corpus / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def full_run(pair, tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``lattice distill`` through the CLI: 4 steps of each stage (full fine-tune in stage 2), checkpoints every 2."""
+    teacher, student = pair
+    work = tmp_path_factory.mktemp("full")
+    out_dir = work / "out"
+    result = run_cli("distill", *distill_flags(student, teacher, out_dir, tiny_corpus), cwd=work)
+    return {"out_dir": out_dir, "report": json.loads((out_dir / "report.json").read_text()), "stdout": result.stdout}
+
+
+def run_in_process(pair, corpus: Path, out_dir: Path, *extra: str) -> dict:
+    teacher, student = pair
+    return distill(parse(distill_flags(student, teacher, out_dir, corpus, *extra)))
+
+
+def losses(report: dict, stage: str) -> list[float]:
+    return [row["loss"] for row in report["stages"][stage]["history"]]
+
+
+def transfer_mse(model_dir: Path, tokens: torch.Tensor) -> float:
+    """Mean over Lattice layers of MSE(Lattice output, attention output) on one fixed held-out batch."""
+    model = load_model(model_dir)
+    with torch.no_grad(), AttentionTransfer(model, teacher_forcing=True, training_only=False) as transfer:
+        model(tokens)
+        return transfer.pop()[0].item()
+
+
+def heldout_tokens(corpus: Path, n: int = 4, length: int = 64) -> torch.Tensor:
+    from litgpt import Tokenizer
+
+    ids = Tokenizer(corpus / "tokenizer").encode((corpus / "val" / "val.txt").read_text())
+    return ids[: n * length].view(n, length)
+
+
+def test_cli_run_reports_every_stage_and_writes_a_loadable_student(full_run, pair):
+    report, out_dir = full_run["report"], full_run["out_dir"]
+    assert set(report["perplexity"]) == {"teacher", "converted", "stage1", "stage2"}
+    assert all(value > 1 for value in report["perplexity"].values())
+    assert report["tokens"]["stage1"] == report["tokens"]["stage2"] == 4 * 4 * 64
+    assert report["stages"]["stage1"]["trainable"] == "lattice" and report["stages"]["stage2"]["trainable"] == "full"
+    assert report["decode"]["teacher_tokens_per_sec"] > 0 and report["decode"]["student_tokens_per_sec"] > 0
+    assert report["cache_bytes"]["student"]["4096"] < report["cache_bytes"]["teacher"]["4096"]
+    assert report["heldout"]["tokens"] > 0 and "val" in report["heldout"]["text"]
+    for stage in (1, 2):  # resumable checkpoints, CSV logs, stage students
+        assert (out_dir / f"stage{stage}" / "step-000002" / "training_state.pt").is_file()
+        assert list((out_dir / f"stage{stage}" / "logs" / "csv").glob("version_*/metrics.csv"))
+    final = load_model(out_dir / "final")
+    assert final.config.lattice_layers == [0, 1, 2]
+    assert (out_dir / "final" / "tokenizer.json").is_file()
+    assert "held-out perplexity" in full_run["stdout"]
+
+
+def test_stage1_lowers_the_layer_mse_and_trains_only_lattice_parameters(full_run, pair, tiny_corpus):
+    _, student = pair
+    stage1 = full_run["out_dir"] / "stage1" / "final"
+    tokens = heldout_tokens(tiny_corpus)
+    assert transfer_mse(stage1, tokens) < 0.8 * transfer_mse(student, tokens)
+    before, after = load_state_dict(student / "model.safetensors"), load_state_dict(stage1 / "model.safetensors")
+    assert before.keys() == after.keys()
+    lattice = set(lattice_parameter_names(load_model(student)))
+    assert lattice and all(".attn." in key for key in lattice)
+    for key in before:
+        if key in lattice:
+            assert not torch.equal(before[key], after[key]), f"{key} did not train"
+        else:
+            assert torch.equal(before[key], after[key]), f"{key} changed in stage 1"
+
+
+def test_stage2_with_lora_trains_only_lora_parameters(pair, tiny_corpus, tmp_path):
+    _, student = pair
+    out_dir = tmp_path / "lora"
+    report = run_in_process(
+        pair, tiny_corpus, out_dir, "--stage1.enabled", "false", "--stage2.trainable", "lora",
+        "--stage2.lr", "0.01", "--stage2.ce_weight", "0.5", "--eval.decode_tokens", "0",
+    )
+    assert set(report["perplexity"]) == {"teacher", "converted", "stage2"}
+    assert report["stages"]["stage2"]["trainable"] == "lora"
+    base = load_state_dict(student / "model.safetensors")
+    during = load_state_dict(out_dir / "stage2" / "step-000002" / "model.safetensors")  # LoRA adapters unmerged
+    lora_keys = [key for key in during if "lora_" in key]
+    assert lora_keys and any(key.endswith("lora_B") and during[key].abs().sum() > 0 for key in lora_keys)
+    for key, value in during.items():
+        if "lora_" not in key:
+            assert torch.equal(value, base[key.replace("linear.", "")]), f"{key} changed under LoRA"
+    merged = load_state_dict(out_dir / "final" / "model.safetensors")  # adapters merged into qkv/proj
+    assert merged.keys() == base.keys()
+    changed = {key for key in base if not torch.equal(base[key], merged[key])}
+    assert changed and all(key.endswith(("attn.qkv.weight", "attn.proj.weight")) for key in changed)
+
+
+def test_resume_after_a_stop_gives_the_same_losses(full_run, pair, tiny_corpus, tmp_path):
+    reference, source = full_run["report"], full_run["out_dir"]
+    # a stop in the middle of stage 1: only stage1/step-000002 had been written
+    stopped = tmp_path / "stage1-stop"
+    shutil.copytree(source / "stage1" / "step-000002", stopped / "stage1" / "step-000002")
+    resumed = run_in_process(pair, tiny_corpus, stopped, "--resume", "true")
+    assert resumed["stages"]["stage1"]["resumed_from"].endswith("step-000002")
+    for stage in ("stage1", "stage2"):
+        assert losses(resumed, stage) == pytest.approx(losses(reference, stage), rel=1e-5, abs=1e-7)
+    assert resumed["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-5)
+    # a stop in the middle of stage 2: stage 1 done, stage2/step-000002 written
+    stopped = tmp_path / "stage2-stop"
+    shutil.copytree(source, stopped, ignore=shutil.ignore_patterns("final", "report.json", "logs"))
+    shutil.copytree(source / "stage1" / "final", stopped / "stage1" / "final")
+    resumed = run_in_process(pair, tiny_corpus, stopped, "--resume", "true")
+    assert resumed["stages"]["stage2"]["resumed_from"].endswith("step-000002")
+    assert losses(resumed, "stage2") == pytest.approx(losses(reference, "stage2"), rel=1e-5, abs=1e-7)
+    assert resumed["perplexity"]["stage2"] == pytest.approx(reference["perplexity"]["stage2"], rel=1e-5)
+
+
+def test_missing_or_corrupted_checkpoints_are_clear_errors(full_run, pair, tiny_corpus, tmp_path):
+    source = full_run["out_dir"]
+    with pytest.raises(LatticeError, match="does not exist"):
+        run_in_process(pair, tiny_corpus, tmp_path / "a", "--resume", str(tmp_path / "nowhere" / "step-000002"))
+    with pytest.raises(LatticeError, match="holds no checkpoint"):
+        run_in_process(pair, tiny_corpus, tmp_path / "empty", "--resume", "true")
+    with pytest.raises(LatticeError, match="earlier run"):
+        run_in_process(pair, tiny_corpus, source)  # no --resume over an existing run
+    broken = tmp_path / "broken"
+    shutil.copytree(source / "stage1" / "step-000002", broken / "stage1" / "step-000002")
+    checkpoint = broken / "stage1" / "step-000002"
+    (checkpoint / "training_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(LatticeError, match="corrupted checkpoint"):
+        run_in_process(pair, tiny_corpus, broken, "--resume", "true")
+    (checkpoint / "training_state.pt").unlink()
+    with pytest.raises(LatticeError, match="incomplete: training_state.pt is missing"):
+        run_in_process(pair, tiny_corpus, broken, "--resume", "true")
+    # through the CLI: a truncated weights file is one line on stderr and exit status 2
+    shutil.copy(source / "stage1" / "step-000002" / "training_state.pt", checkpoint)
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    teacher, student = pair
+    result = run_cli("distill", *distill_flags(student, teacher, broken, tiny_corpus), "--resume", "true", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("lattice: error: cannot read weights from")
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_recipe_keys_are_one_clear_error(pair, tiny_corpus, tmp_path):
+    teacher, student = pair
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"student_dir: {student}\nstage2:\n  temprature: 2.0\n  max_steps: 2\nstage1:\n  max_steps: 2\n")
+    result = run_cli("distill", "--config", recipe, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "lattice: error: bad recipe or flag: Validation failed: Group 'stage2' does not accept nested key 'temprature'"
+    ]
+    base = ["--student_dir", str(student), "--stage1.max_steps", "1", "--stage2.max_steps", "1"]
+    for argv, message in [
+        (base + ["--bogus", "1"], "Unrecognized arguments: --bogus"),
+        (base + ["--stage1.lr", "fast"], "stage1.lr"),
+        (base + ["--stage2.trainable", "everything"], "stage2.trainable must be one of full, lattice, lora, lora\\+lattice"),
+        (base + ["--strategy", "deepspeed"], "strategy must be one of auto, ddp, fsdp"),
+        (["--student_dir", str(student), "--stage2.max_steps", "1"], "stage1 needs a budget"),
+        (base + ["--train.global_batch_size", "6", "--train.micro_batch_size", "4"], "multiple of train.micro_batch_size"),
+        (base + ["--data.class_path", "litgpt.data.TextFiles", "--data.train_data_path", "x", "--data.nope", "1"], "nope"),
+    ]:
+        with pytest.raises(LatticeError, match=message):
+            parse(argv)
