@@ -19,6 +19,9 @@ from lattice_plugin.cli.app import app
     add_help_option=False,
 )
 def distill(ctx: typer.Context) -> None:
+    import os
+
+    os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # nothing is downloaded (or looked up) at run time
     from lattice_plugin.distill.args import parse
     from lattice_plugin.distill.trainer import distill as run_distill
 
