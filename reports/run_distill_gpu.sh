@@ -9,12 +9,13 @@
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export LITDATA_DISABLE_VERSION_CHECK=1   # the GPU machines reach no network
+SITE=${SITE:-/tmp/site}
 if [ -d .whl ] && [ "${INSTALL:-1}" = 1 ]; then  # the GPU image lacks litgpt, jsonargparse, litdata: carried wheels
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     .whl/litgpt-*.whl .whl/jsonargparse-*.whl .whl/docstring_parser-*.whl .whl/typeshed_client-*.whl \
     .whl/litdata-*.whl .whl/boto3-*.whl .whl/botocore-*.whl .whl/s3transfer-*.whl .whl/jmespath-*.whl || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
-  export PYTHONPATH=/tmp/site PYTHONSAFEPATH=1  # the installed plugin, not the source folder in the working dir
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" . || exit 1
+  export PYTHONPATH="$SITE" PYTHONSAFEPATH=1  # the installed plugin, not the source folder in the working dir
 fi
 OUT=${OUT:-out/gpu-report}
 W=${WORK:-/tmp/distill-work}
