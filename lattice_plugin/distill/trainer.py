@@ -61,7 +61,10 @@ def build_fabric(config: DistillConfig):
         strategy = DDPStrategy(find_unused_parameters=False)
     else:
         strategy = "auto"
-    return L.Fabric(devices=config.devices, num_nodes=config.num_nodes, strategy=strategy, precision=precision)
+    try:
+        return L.Fabric(devices=config.devices, num_nodes=config.num_nodes, strategy=strategy, precision=precision)
+    except (ValueError, RuntimeError) as error:  # e.g. FSDP or more devices than there are
+        raise LatticeError(f"cannot set up {config.devices} device(s) with strategy {config.strategy!r}: {error}") from None
 
 
 def distill(config: DistillConfig) -> dict[str, Any] | None:
