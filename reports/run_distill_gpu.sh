@@ -6,6 +6,13 @@
 #   4. distill the all-Lattice student again on 2 GPUs with DDP and with FSDP (same global batch and tokens).
 # Reports (JSON), logs and a summary land in $OUT (results.tar.gz, summary.json, run.log).
 # DRY=1 shrinks everything to run on a CPU in a few minutes (a rehearsal; FSDP is skipped there).
+# The GPU image lacks litgpt, jsonargparse and litdata: carry them as wheels in .whl/ (ignored by git), made here with
+#   echo /.whl/ >> .git/info/exclude
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     litgpt==0.5.13 jsonargparse==4.41.0 docstring-parser==0.18.0 typeshed-client==2.15.0 litdata==0.2.59 \
+#     boto3==1.44.8 botocore==1.44.8 s3transfer==0.19.3 jmespath==1.1.0
+# and run it with the device tool: OUT=$OUT bash reports/run_distill_gpu.sh (kind nvidia-h100-x2, carry .whl).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export LITDATA_DISABLE_VERSION_CHECK=1   # the GPU machines reach no network
