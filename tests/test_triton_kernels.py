@@ -88,6 +88,7 @@ def check(errors, dtype):
         (1, 65, 1, 1, 16, 16),  # T = chunk + 1: a second chunk of one token
         (1, 17, 1, 1, 48, 80),  # m=48, d=80
         (1, 19, 4, 2, 16, 24),  # GQA with 2 kv heads
+        (1, 96, 2, 1, 16, 16),  # T a multiple of the 16-token sub-chunk (no padding), two chunks
     ],
 )
 def test_exact_float32(shape):
@@ -97,6 +98,29 @@ def test_exact_float32(shape):
 def test_exact_against_recurrence_shared_s0():
     """The token-by-token definition as ground truth, with a shared s0 (Hkv, d, m) leaf."""
     errors = run_both(torch.float32, (2, 23, 2, 2, 16, 16), per_batch_state=False, reference="recurrent")
+    check(errors, torch.float32)
+
+
+def test_exact_near_zero_gates():
+    """Nearly repeated values and beta * k close to 1: the slots align with v and the forget gates fall to
+    ~0.003-0.009, so products of 16 gates approach float32's underflow; no log, exp or division may break."""
+    B, T, Hq, H, m, d = 1, 40, 1, 1, 16, 16
+    base = torch.nn.functional.normalize(torch.randn(d), dim=0)
+    v = torch.nn.functional.normalize(base + 0.02 * torch.randn(B, T, H, d), dim=-1)
+    k = 1 - 0.002 * torch.rand(B, T, H, m)
+    beta = 0.998 + 0.001 * torch.rand(B, T, H)
+    q, s0 = torch.randn(B, T, Hq, m), torch.randn(B, H, d, m)
+    ins = [x.clone().requires_grad_() for x in (q, k, v, beta)]
+    s_leaf = s0.clone().requires_grad_()
+    o, final = chunk_lattice_triton(*ins, normalize_slots(s_leaf))
+    d_o, d_final = torch.randn(o.shape), torch.randn(final.shape)
+    ((o * d_o).sum() + (final * d_final).sum()).backward()
+    refs = [x.detach().double().requires_grad_() for x in ins]
+    s_ref = s0.double().requires_grad_()
+    ro, rf = chunk_lattice(*refs, normalize_slots(s_ref))
+    ((ro * d_o.double()).sum() + (rf * d_final.double()).sum()).backward()
+    errors = {"o": rel_err(o, ro), "final": rel_err(final, rf), "s0": rel_err(s_leaf.grad, s_ref.grad)}
+    errors.update({f"d{n}": rel_err(x.grad, r.grad) for n, x, r in zip(("q", "k", "v", "beta"), ins, refs)})
     check(errors, torch.float32)
 
 
