@@ -4,16 +4,22 @@ Layout of the work (timings and the reasoning behind it in bench/NOTES.md):
 
 - Slots are independent, so the only sequential part, the gate scan, runs one program per
   (batch, kv head, block of BM slots). It walks the sequence in sub-chunks of BC tokens: ``P = V S`` (a matmul),
-  a sweep over the BC tokens on ``BC x BM`` scalars (``c_t = s_{t-1} . v_t`` from P and the sub-chunk Gram
-  matrix), then ``S <- S diag(A) + V^T W`` (a matmul). It stores ``c`` per token (and ``||s||^2`` where the gates
-  read it) and the state at every chunk start.
+  a sweep over the BC tokens (``c_t = s_{t-1} . v_t`` from P and the sub-chunk Gram matrix), then
+  ``S <- S diag(A) + V^T W`` (a matmul). It stores ``c`` per token (and ``||s||^2`` where the gates read it) and
+  the state at every chunk start.
+- The sweeps are fully unrolled and run on per-thread scalars: every ``[BC, BM]`` tile a matmul produces or a
+  load brings is unpacked once (:func:`_unpack_rows`) into one ``[BM]`` vector per token, one slot per lane, so
+  the dependent chain never crosses lanes; the sub-chunk's Gram entries are uniform scalar loads. Results go
+  back to tiles by register selects (:func:`_pack_rows`). Keeping the layout compiler from re-deriving these
+  vectors in the matmuls' layouts (which would repeat the whole sweep per layout) is why tiles only enter the
+  sweep through :func:`_unpack_rows` and scalars leave it through :func:`_opaque`.
 - Given those, every d-sized product is parallel over chunks: the outputs, dq and dv re-walk a chunk's
   sub-chunks from its stored start state with the gates recomputed from ``c`` (never stored per step).
 - Backward: one sequential reverse sweep per slot block gives ``dc`` (the gradient through the gates' state
-  dependence), d gamma and d ||v||^2 per token, and the state gradient at every chunk end. It needs
-  ``g_t . s_{t-1}`` for every token: the state side is expanded over the sub-chunk in log space
-  (``W[l] = b_l exp(L_{t-1} - L_l)``, with the sign of negative gates tracked), the adjoint side by a
-  recursion on ``BC x BM`` scalars.
+  dependence), d gamma and d ||v||^2 per token, and the state gradient at every chunk end. Per sub-chunk each
+  thread keeps ``g . v_l`` (16 scalars) and ``g . s_b`` for its slot; ``g_t . s_{t-1}`` is a Horner sum over
+  the forward gates (products only: no logarithms, no division on the sweep).
+- The sweeps walk whole sub-chunks: a ragged ``T`` is padded with identity tokens (``beta = 0``) by the wrapper.
 
 Gate arithmetic and states are float32 whatever the input dtype; matmuls with a float32 operand use tf32 for
 16-bit inputs and full float32 ("ieee") for float32 inputs.
@@ -28,7 +34,7 @@ CS_EXACT = 64  # tokens between stored states for gates="exact" (a free choice: 
 BM_SCAN = 16  # slots per program of the sequential sweeps
 BV_READ = 64  # value columns per program of the parallel passes
 BK_DQ = 64  # slots per program of the dq pass
-SCAN_WARPS = 2  # warps per program of the sequential sweeps (bench/NOTES.md: timed against 1 and 4)
+SCAN_WARPS = 4  # warps per program of the sequential sweeps (bench/NOTES.md, version 3)
 
 
 @triton.jit
@@ -36,12 +42,12 @@ def _gates(c, gamma, vv, ns, ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr):
     """``s <- a s + b v`` and the new ``||s||^2``: the jit twin of ``kernels/gates.py:slot_gates``."""
     if NORMALIZE:
         if ORTHOGONAL:
-            n = tl.sqrt(1.0 + gamma * gamma * tl.maximum(vv - c * c, 0.0))
-            a = (1.0 - gamma * c) / n
+            rn = tl.math.rsqrt(1.0 + gamma * gamma * tl.maximum(vv - c * c, 0.0))
+            a = (1.0 - gamma * c) * rn
         else:
-            n = tl.sqrt(1.0 + 2.0 * gamma * c + gamma * gamma * vv)
-            a = 1.0 / n
-        b = gamma / n
+            rn = tl.math.rsqrt(1.0 + 2.0 * gamma * c + gamma * gamma * vv)
+            a = rn
+        b = gamma * rn
         ns_new = ns
     else:
         if ORTHOGONAL:
@@ -60,16 +66,16 @@ def _gate_grads(c, gamma, vv, ns, a, b, da, db, dns_new, ORTHOGONAL: tl.constexp
     if NORMALIZE:
         if ORTHOGONAL:
             w = tl.maximum(vv - c * c, 0.0)
-            n = tl.sqrt(1.0 + gamma * gamma * w)
-            dn = -(da * a + db * b) / n
-            dc = -(da * gamma + dn * gamma * gamma * c) / n
-            dgamma = (db - da * c + dn * gamma * w) / n
+            rn = tl.math.rsqrt(1.0 + gamma * gamma * w)
+            dn = -(da * a + db * b) * rn
+            dc = -(da * gamma + dn * gamma * gamma * c) * rn
+            dgamma = (db - da * c + dn * gamma * w) * rn
         else:
-            n = tl.sqrt(1.0 + 2.0 * gamma * c + gamma * gamma * vv)
-            dn = -(da * a + db * b) / n
-            dc = dn * gamma / n
-            dgamma = (db + dn * (c + gamma * vv)) / n
-        dvv = dn * gamma * gamma / (2.0 * n)
+            rn = tl.math.rsqrt(1.0 + 2.0 * gamma * c + gamma * gamma * vv)
+            dn = -(da * a + db * b) * rn
+            dc = dn * gamma * rn
+            dgamma = (db + dn * (c + gamma * vv)) * rn
+        dvv = 0.5 * dn * gamma * gamma * rn
         dns = dvv * 0.0
     else:
         if ORTHOGONAL:
@@ -83,12 +89,6 @@ def _gate_grads(c, gamma, vv, ns, a, b, da, db, dns_new, ORTHOGONAL: tl.constexp
             dvv = dc
             dns = dc
     return dc, dgamma, dvv, dns
-
-
-@triton.jit
-def _row(X, sel):
-    """Row ``sel`` (a ``[BC, 1]`` one-hot mask) of a ``[BC, N]`` tile."""
-    return tl.sum(tl.where(sel, X, 0.0), 0)
 
 
 @triton.jit
@@ -158,6 +158,64 @@ def _sub_gram_kernel(x, v, out, T, HX: tl.constexpr, H: tl.constexpr, D: tl.cons
 
 
 @triton.jit
+def _split_all(t):
+    """Split the last (size-2) dimension of every tensor of a tuple: a tuple twice as long."""
+    out = ()
+    for i in tl.static_range(len(t)):
+        lo, hi = tl.split(t[i])
+        out = out + (lo, hi)
+    return out
+
+
+@triton.jit
+def _unpack_rows(X):
+    """The 16 rows of a ``[16, BM]`` tile as a tuple of ``[BM]`` vectors, each thread keeping its slots' values:
+    one layout change per tile, after which picking a token's row costs nothing."""
+    BM: tl.constexpr = X.shape[1]
+    t = (tl.reshape(tl.trans(X), [BM, 2, 2, 2, 2]),)
+    t = _split_all(_split_all(_split_all(_split_all(t))))  # tuple index = token index with its 4 bits reversed
+    rows = ()
+    for j in tl.static_range(16):
+        rows = rows + (t[(j % 2) * 8 + (j // 2 % 2) * 4 + (j // 4 % 2) * 2 + j // 8],)
+    return rows
+
+
+@triton.jit
+def _pack_rows(rows):
+    """Inverse of :func:`_unpack_rows`: a ``[16, BM]`` tile from 16 ``[BM]`` vectors (register selects in the
+    default tile layout, whose columns sit on lanes like the vectors: no data crosses lanes)."""
+    o = tl.arange(0, 16)[:, None]
+    X = tl.where(o == 0, rows[0][None, :], 0.0)
+    for j in tl.static_range(1, 16):
+        X = tl.where(o == j, rows[j][None, :], X)
+    return X
+
+
+@triton.jit
+def _col_dots(X, Y):
+    """``sum_d X[d, i] Y[d, i]`` for every column ``i`` of two ``[BD, BM]`` tiles, in float32, as a per-thread
+    ``[BM]`` vector: sixteen partial sums per column cross to the sweep's layout through :func:`_unpack_rows`."""
+    BD: tl.constexpr = X.shape[0]
+    BM: tl.constexpr = X.shape[1]
+    rows = _unpack_rows(tl.sum(tl.reshape(X * Y, [BD // 16, 16, BM]), 0))
+    out = rows[0]
+    for i in tl.static_range(1, 16):
+        out += rows[i]
+    return out
+
+
+@triton.jit
+def _opaque(x):
+    """``x`` unchanged, behind a loop the layout pass cannot see through: it moves ``x`` to the layout its user needs
+    (one small shared-memory exchange) instead of recomputing everything ``x`` depends on in that layout."""
+    i = 0
+    while i < 1:
+        x = x + 0.0
+        i += 1
+    return x
+
+
+@triton.jit
 def _fwd_scan_kernel(
     k, v, beta, s_init, gram, c_out, ns_out, states, s_final, scratch,
     T, NC,
@@ -166,7 +224,12 @@ def _fwd_scan_kernel(
     EXACT: tl.constexpr, ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """The sequential gate scan: stores ``c`` (and ``||s||^2``) per token and the state at every chunk start."""
+    """The sequential gate scan: stores ``c`` (and ``||s||^2``) per token and the state at every chunk start.
+
+    Per sub-chunk: ``P = V S`` (a matmul) unpacked into one ``[BM]`` vector per token, then a fully unrolled
+    16-token sweep in which every thread updates only its own slots' scalars (nothing crosses lanes on the
+    dependent chain; the sub-chunk's Gram entries are uniform scalar loads), then ``S <- S diag(A) + V^T W``
+    (a matmul). ``T`` is a multiple of ``BCC`` (the wrapper pads with identity tokens)."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_m = i_m * BM + tl.arange(0, BM)
@@ -177,59 +240,72 @@ def _fwd_scan_kernel(
     s_off = o_d[:, None] * M + o_m[None, :]
     s_mask = d_mask[:, None] & m_mask[None, :]
     S = tl.load(s_init + i_bh.to(tl.int64) * D * M + s_off, mask=s_mask, other=0.0)
-    ns = tl.where(m_mask, tl.sum(S * S, 0), 1.0)
+    if TRACK_NS:
+        ns = tl.where(m_mask, _col_dots(S, S), 1.0)
+    else:
+        ns = tl.full([BM], 1.0, dtype=tl.float32)
     ns_c = ns
     tok0 = i_b.to(tl.int64) * T * H + i_h  # row of token t of this head in (B, T, H, .) tensors: tok0 + t * H
     p_sc = scratch + (i_bh * tl.num_programs(0) + i_m).to(tl.int64) * BD * BM + o_d[:, None] * BM + tl.arange(0, BM)[None, :]
+    vd_mask = (o_c < BCC)[:, None] & d_mask[None, :]
     t0 = 0
     while t0 < T:  # while, not range: the interpreter cannot take run-time range bounds
         if t0 % CS == 0:
             if NORMALIZE and t0 > 0:  # retraction at every chunk end, as in chunk.py
                 S = S / tl.maximum(tl.sqrt(tl.sum(S * S, 0)), 1e-12)[None, :]
             if TRACK_NS:
-                ns = tl.where(m_mask, tl.sum(S * S, 0), 1.0)
+                ns = tl.where(m_mask, _col_dots(S, S), 1.0)
             tl.store(states + (i_bh.to(tl.int64) * NC + t0 // CS) * D * M + s_off, S, mask=s_mask)
             if not EXACT:
                 tl.debug_barrier()
                 tl.store(p_sc, S)
                 tl.debug_barrier()
                 ns_c = ns
-        rows = t0 + o_c
-        t_mask = rows < T
-        tok = tok0 + rows.to(tl.int64) * H
-        Vf = tl.load(v + tok[:, None] * D + o_d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        row0 = tok0 + t0 * H  # this sub-chunk's first token; token j is row0 + j * H
+        Vf = tl.load(v + (row0 + o_c * H)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
         if EXACT:
-            Y = tl.dot(Vf, S, input_precision=PREC)
+            Y = _unpack_rows(tl.dot(Vf, S, input_precision=PREC))
         else:
-            Y = tl.dot(Vf, tl.load(p_sc), input_precision=PREC)
-        W = tl.zeros([BCC, BM], dtype=tl.float32)
-        A = tl.full([BM], 1.0, dtype=tl.float32)
-        for j in tl.range(0, BCC):
-            t = t0 + j
-            live = t < T
-            tk = tok0 + t * H
-            sel = (o_c == j)[:, None]
-            c = _row(Y, sel)
-            gamma = tl.load(beta + tk, mask=live, other=0.0).to(tl.float32) * tl.load(
-                k + tk * M + o_m, mask=m_mask & live, other=0.0
-            ).to(tl.float32)
-            vv = tl.load(gram + tk * BCC + j, mask=live, other=0.0)
+            Y = _unpack_rows(tl.dot(Vf, tl.load(p_sc), input_precision=PREC))
+        rmask = (o_c < BCC)[:, None] & m_mask[None, :]
+        tile = (row0 + o_c * H)[:, None] * M + o_m[None, :]  # [BCC, BM] offsets of this sub-chunk's slot rows
+        Ks = _unpack_rows(tl.load(k + tile, mask=rmask, other=0.0).to(tl.float32))
+        p_g = gram + row0 * BCC  # Gram row of token j: p_g + j * H * BCC
+        Cs = ()
+        NSs = ()
+        As = ()
+        Bs = ()
+        for j in tl.static_range(BCC):
+            gamma = tl.load(beta + row0 + j * H).to(tl.float32) * Ks[j]
+            c = Y[j]
             if EXACT:
                 nsu = ns
             else:
                 nsu = ns_c
-            a, b, ns_new = _gates(c, gamma, vv, nsu, ORTHOGONAL, NORMALIZE)
-            tl.store(c_out + tk * M + o_m, c, mask=m_mask & live)
-            if TRACK_NS:
-                tl.store(ns_out + tk * M + o_m, nsu, mask=m_mask & live)
+            a, b, ns_new = _gates(c, gamma, tl.load(p_g + j * H * BCC + j), nsu, ORTHOGONAL, NORMALIZE)
+            Cs = Cs + (c,)
+            NSs = NSs + (nsu,)
             if EXACT:
-                g_row = tl.load(gram + tk * BCC + o_c, mask=live, other=0.0)  # v_t . v_{t0 + l}
-                Y = a[None, :] * Y + b[None, :] * g_row[:, None]
                 ns = ns_new
-            W = a[None, :] * W + tl.where(sel, b[None, :], 0.0)
-            A = A * a
-        Vf = tl.load(v + tok[:, None] * D + o_d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        S = S * A[None, :] + tl.dot(tl.trans(Vf), W, input_precision=PREC)
+                Yn = ()
+                for u in tl.static_range(BCC):
+                    if u <= j:
+                        Yn = Yn + (Y[u],)
+                    else:  # c_u = s_{u-1} . v_u: the rows of later tokens follow the slots' update
+                        Yn = Yn + (a * Y[u] + b * tl.load(p_g + u * H * BCC + j),)
+                Y = Yn
+            As = As + (a,)
+            Bs = Bs + (b,)
+        tl.store(c_out + tile, _pack_rows(Cs), mask=rmask)
+        if TRACK_NS:
+            tl.store(ns_out + tile, _pack_rows(NSs), mask=rmask)
+        # W[l] = b_l prod_{l < l' < BC} a_l': the sub-chunk-end weight of v_l in every slot
+        A = tl.full([BM], 1.0, dtype=tl.float32)
+        Wr = ()
+        for jj in tl.static_range(BCC):
+            Wr = (Bs[BCC - 1 - jj] * A,) + Wr
+            A = A * As[BCC - 1 - jj]
+        S = S * _opaque(A)[None, :] + tl.dot(tl.trans(Vf), _pack_rows(Wr), input_precision=PREC)
         t0 += BCC
     if NORMALIZE:
         S = S / tl.maximum(tl.sqrt(tl.sum(S * S, 0)), 1e-12)[None, :]
@@ -306,7 +382,13 @@ def _bwd_scan_kernel(
     EXACT: tl.constexpr, ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr,
     HAS_DFINAL: tl.constexpr, PREC: tl.constexpr,
 ):
-    """The reverse sweep: ``dc``, d gamma and d ||v||^2 per token, the state gradient at every chunk end."""
+    """The reverse sweep: ``dc``, d gamma and d ||v||^2 per token, the state gradient at every chunk end.
+
+    Per sub-chunk (walking backwards) every thread keeps, for its own slots, ``U[l] = g . v_l`` and
+    ``rho = g . s_b`` (``g`` the state gradient, ``s_b`` the slot at the sub-chunk start) as scalars; then
+    ``g_t . v_t = U[t]`` and ``g_t . s_{t-1} = A_{t-1} rho + sum_{l<t} W_{t-1}[l] U[l]`` (a Horner sum over the
+    forward gates, plain products: no logarithms on the sweep). The d-sized products (``V g``, ``V s_b``,
+    ``dO s_b``, the new ``g``) are matmuls once per sub-chunk. ``T`` is a multiple of ``BCC``."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     G: tl.constexpr = HQ // H
@@ -317,6 +399,7 @@ def _bwd_scan_kernel(
     o_c = tl.arange(0, BCC)
     s_off = o_d[:, None] * M + o_m[None, :]
     s_mask = d_mask[:, None] & m_mask[None, :]
+    vd_mask = (o_c < BCC)[:, None] & d_mask[None, :]
     if HAS_DFINAL:
         gE = tl.load(d_final + i_bh.to(tl.int64) * D * M + s_off, mask=s_mask, other=0.0)
     else:
@@ -329,7 +412,7 @@ def _bwd_scan_kernel(
     while i_c >= 0:
         p_state = (i_bh.to(tl.int64) * NC + i_c) * D * M + s_off
         c_lo = i_c * CS
-        n_sub = tl.cdiv(tl.minimum(CS, T - c_lo), BCC)
+        n_sub = tl.minimum(CS, T - c_lo) // BCC
         # replay the chunk forward to get the state before each sub-chunk
         tl.debug_barrier()
         S = tl.load(states + p_state, mask=s_mask, other=0.0)
@@ -363,97 +446,131 @@ def _bwd_scan_kernel(
         r = n_sub - 1
         while r >= 0:
             t0 = c_lo + r * BCC
-            rows = t0 + o_c
-            t_mask = rows < T
-            tok = tok0 + rows.to(tl.int64) * H
-            vd_mask = t_mask[:, None] & d_mask[None, :]
+            row0 = tok0 + t0 * H  # token j of the sub-chunk: row0 + j * H (kv-head tensors)
+            qrow0 = qtok0 + t0 * HQ  # query head g of token j: qrow0 + g + j * HQ
             S_b = tl.load(p_sc + r * BD * BM)
-            Vf = tl.load(v + tok[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
-            Ee = tl.dot(Vf, gE, input_precision=PREC)  # g . v_l
-            rho = tl.sum(S_b * gE, 0)  # g . s_b
+            Vf = tl.load(v + (row0 + o_c * H)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
+            U = _unpack_rows(tl.dot(Vf, gE, input_precision=PREC))  # U[l] = g . v_l
+            rho = _col_dots(gE, S_b)  # g . s_b
             if EXACT:
-                P = tl.dot(Vf, S_b, input_precision=PREC)
-            a_t, b_t = _tile_gates(c_in, ns_in, k, beta, gram, tok, o_c, t_mask, o_m, m_mask, M, BCC,
-                                   ORTHOGONAL, NORMALIZE, TRACK_NS)
-            la, neg = _log_gates(a_t)
-            L = tl.cumsum(la, 0)
-            N = tl.cumsum(neg, 0)
-            L_end = tl.sum(la, 0)
-            N_end = tl.sum(neg, 0)
-            Om = _signed_exp(L, N)  # prod_{l' <= j} a: weight of the sources at j in the adjoint before the sub-chunk
-            g_new = gE * _signed_exp(L_end, N_end)[None, :]
-            Fq = tl.zeros([BCC, BM], dtype=tl.float32)
-            last = t0 + BCC - 1
-            for gq in range(G):
-                qtok = qtok0 + gq + rows.to(tl.int64) * HQ
-                Qg = tl.load(q + qtok[:, None] * M + o_m[None, :], mask=t_mask[:, None] & m_mask[None, :], other=0.0).to(tl.float32)
-                DOg = tl.load(do + qtok[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
-                Fq += Qg * tl.dot(DOg, S_b, input_precision=PREC)
-                g_new += tl.dot(tl.trans(DOg), Qg * Om, input_precision=PREC)
-                # the read at the sub-chunk's last token: g_last = gE + sum_g q_last do_last
-                qtl = qtok0 + gq + last.to(tl.int64) * HQ
-                ql = tl.load(q + qtl * M + o_m, mask=m_mask & (last < T), other=0.0).to(tl.float32)
-                hl = tl.load(hgram + qtl * BCC + o_c, mask=last < T, other=0.0)
-                Ee += hl[:, None] * ql[None, :]
-            U = Ee  # U[l] = g_t . v_l
-            rho += _row(Fq, (o_c == BCC - 1)[:, None])
-            Lcur = L_end
-            Ncur = N_end
+                P = _unpack_rows(tl.dot(Vf, S_b, input_precision=PREC))  # v_l . s_b
+            # forward gates of the sub-chunk, per thread
+            rmask = (o_c < BCC)[:, None] & m_mask[None, :]
+            tile = (row0 + o_c * H)[:, None] * M + o_m[None, :]  # [BCC, BM] offsets of the slot rows
+            Cs = _unpack_rows(tl.load(c_in + tile, mask=rmask, other=0.0))
+            Ks = _unpack_rows(tl.load(k + tile, mask=rmask, other=0.0).to(tl.float32))
+            if TRACK_NS:
+                Ns = _unpack_rows(tl.load(ns_in + tile, mask=rmask, other=1.0))
+            p_g = gram + row0 * BCC  # Gram row of token j: p_g + j * H * BCC
+            Gs = ()
+            As = ()
+            Bs = ()
+            for j in tl.static_range(BCC):
+                gamma = tl.load(beta + row0 + j * H).to(tl.float32) * Ks[j]
+                if TRACK_NS:
+                    ns = Ns[j]
+                else:
+                    ns = tl.full([BM], 1.0, dtype=tl.float32)
+                a, b, _ = _gates(Cs[j], gamma, tl.load(p_g + j * H * BCC + j), ns, ORTHOGONAL, NORMALIZE)
+                Gs = Gs + (gamma,)
+                As = As + (a,)
+                Bs = Bs + (b,)
+            # the reads: Qs[g][j] = q_j (query head g), Fs[g][j] = do_j . s_b; the read at the last token is in g
+            Qs = ()
+            Fs = ()
+            for gq in tl.static_range(G):
+                DOg = tl.load(do + (qrow0 + gq + o_c * HQ)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
+                Fs = Fs + (_unpack_rows(tl.dot(DOg, S_b, input_precision=PREC)),)
+                qg = _unpack_rows(tl.load(q + (qrow0 + gq + o_c * HQ)[:, None] * M + o_m[None, :], mask=rmask,
+                                          other=0.0).to(tl.float32))
+                Qs = Qs + (qg,)
+                p_h = hgram + (qrow0 + gq + (BCC - 1) * HQ) * BCC
+                Un = ()
+                for l in tl.static_range(BCC):
+                    Un = Un + (U[l] + qg[BCC - 1] * tl.load(p_h + l),)
+                U = Un
+                rho += qg[BCC - 1] * Fs[gq][BCC - 1]
+            # prod_{l<j} a_l: the decay from token j back to the sub-chunk start
+            Pre = ()
+            A = tl.full([BM], 1.0, dtype=tl.float32)
+            for j in tl.static_range(BCC):
+                Pre = Pre + (A,)
+                A = A * As[j]
+            QO = ()  # per query head: q_j prod_{l<=j} a_l, the weight of do_j in g_b
+            for gq in tl.static_range(G):
+                QO = QO + (tl.zeros([BCC, BM], dtype=tl.float32),)
             DC = tl.zeros([BCC, BM], dtype=tl.float32)
-            for jj in tl.range(0, BCC):
-                j = BCC - 1 - jj
-                t = t0 + j
-                live = t < T
-                tk = tok0 + t * H
-                sel = (o_c == j)[:, None]
-                c, gamma, vv, ns, a, b, _ = _token_gates(c_in, ns_in, k, beta, gram, tk, j, o_m, m_mask, live,
-                                                         M, BCC, ORTHOGONAL, NORMALIZE, TRACK_NS)
-                la_j, neg_j = _log_gates(a)
-                Lprev = Lcur - la_j
-                Nprev = Ncur - neg_j
-                Wp = tl.where((o_c < j)[:, None], b_t * _signed_exp(Lprev[None, :] - L, Nprev[None, :] - N), 0.0)
-                r1 = _row(U, sel)  # g_t . v_t = d b_t
-                r2 = _signed_exp(Lprev, Nprev) * rho + tl.sum(Wp * U, 0)  # g_t . s_{t-1} = d a_t
+            DW = tl.zeros([BCC, BM], dtype=tl.float32)  # dc_j prod_{l<j} a_l: the weight of v_j in g_b
+            DG = tl.zeros([BCC, BM], dtype=tl.float32)
+            DV = tl.zeros([BCC, BM], dtype=tl.float32)
+            o_r = o_c[:, None]
+            for j in tl.static_range(BCC - 1, -1, -1):
+                # d b_j = g_j . v_j ; d a_j = g_j . s_{j-1} = A_{j-1} rho + sum_{l<j} b_l (prod_{l<l'<j} a_l') U[l]
+                x = rho
+                for l in tl.static_range(j):
+                    x = x * As[l] + Bs[l] * U[l]
                 if EXACT:
                     dns_new = nu
                 else:
                     dns_new = nu * 0.0
-                dc, dgamma, dvv, dns = _gate_grads(c, gamma, vv, ns, a, b, r2, r1, dns_new, ORTHOGONAL, NORMALIZE)
-                dc = tl.where(m_mask & live, dc, 0.0)
-                tl.store(dc_out + tk * M + o_m, dc, mask=m_mask & live)
-                tl.store(dgamma_out + tk * M + o_m, dgamma, mask=m_mask & live)
-                tl.store(dvv_out + tk * M + o_m, dvv, mask=m_mask & live)
-                DC = tl.where(sel, dc[None, :], DC)
+                if TRACK_NS:
+                    ns = Ns[j]
+                else:
+                    ns = tl.full([BM], 1.0, dtype=tl.float32)
+                dc, dgamma, dvv, dns = _gate_grads(Cs[j], Gs[j], tl.load(p_g + j * H * BCC + j), ns, As[j], Bs[j],
+                                                   x, U[j], dns_new, ORTHOGONAL, NORMALIZE)
+                dc = tl.where(m_mask, dc, 0.0)
+                DC = tl.where(o_r == j, dc[None, :], DC)
+                if EXACT:
+                    DW = tl.where(o_r == j, (dc * Pre[j])[None, :], DW)
+                DG = tl.where(o_r == j, dgamma[None, :], DG)
+                DV = tl.where(o_r == j, dvv[None, :], DV)
+                QOn = ()
+                for gq in tl.static_range(G):
+                    QOn = QOn + (tl.where(o_r == j, (Qs[gq][j] * Pre[j] * As[j])[None, :], QO[gq]),)
+                QO = QOn
                 if TRACK_NS:
                     if EXACT:
                         nu = dns
                     else:
                         nu += dns
                 if j > 0:
-                    # g_{t-1} = a_t g_t + sum_g q_{t-1} do_{t-1} (+ dc_t v_t when the gates read s_{t-1})
-                    U = a[None, :] * U
-                    rho = a * rho + _row(Fq, (o_c == j - 1)[:, None])
-                    for gq in range(G):
-                        qtp = qtok0 + gq + (t - 1) * HQ
-                        qp = tl.load(q + qtp * M + o_m, mask=m_mask & (t - 1 < T), other=0.0).to(tl.float32)
-                        hp = tl.load(hgram + qtp * BCC + o_c, mask=t - 1 < T, other=0.0)
-                        U += hp[:, None] * qp[None, :]
+                    # g_{j-1} = a_j g_j + sum_g q_{j-1} do_{j-1} (+ dc_j v_j when the gates read s_{j-1})
+                    rho = As[j] * rho
+                    Un = ()
+                    for l in tl.static_range(j):
+                        Un = Un + (As[j] * U[l],)
+                    U = Un
+                    for gq in tl.static_range(G):
+                        p_h = hgram + (qrow0 + gq + (j - 1) * HQ) * BCC
+                        Un = ()
+                        for l in tl.static_range(j):
+                            Un = Un + (U[l] + Qs[gq][j - 1] * tl.load(p_h + l),)
+                        U = Un
+                        rho += Qs[gq][j - 1] * Fs[gq][j - 1]
                     if EXACT:
-                        g_row = tl.load(gram + tk * BCC + o_c, mask=live, other=0.0)
-                        U += g_row[:, None] * dc[None, :]
-                        rho += dc * _row(P, sel)
-                Lcur = Lprev
-                Ncur = Nprev
-            Vf = tl.load(v + tok[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
+                        Un = ()
+                        for l in tl.static_range(j):
+                            Un = Un + (U[l] + dc * tl.load(p_g + j * H * BCC + l),)
+                        U = Un
+                        rho += dc * P[j]
+            tl.store(dc_out + tile, DC, mask=rmask)
+            tl.store(dgamma_out + tile, DG, mask=rmask)
+            tl.store(dvv_out + tile, DV, mask=rmask)
+            # gradient before the sub-chunk: g_b = A g + sum_u (prod_{l<=u} a_l) q_u do_u + sum_u (prod_{l<u} a_l) dc_u v_u
+            g_new = gE * _opaque(A)[None, :]
+            for gq in tl.static_range(G):
+                DOg = tl.load(do + (qrow0 + gq + o_c * HQ)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
+                g_new += tl.dot(tl.trans(DOg), QO[gq], input_precision=PREC)
             if EXACT:
-                g_new += tl.dot(tl.trans(Vf), DC * _signed_exp(L - la, N - neg), input_precision=PREC)
+                g_new += tl.dot(tl.trans(Vf), DW, input_precision=PREC)
             else:
                 pend += tl.dot(tl.trans(Vf), DC, input_precision=PREC)
             gE = g_new
             r -= 1
         if TRACK_NS:
             S_c = tl.load(states + p_state, mask=s_mask, other=0.0)
-            gE += 2.0 * S_c * nu[None, :]
+            gE += 2.0 * S_c * _opaque(nu)[None, :]
         if not EXACT:
             gE += pend
         i_c -= 1
@@ -684,23 +801,41 @@ def lattice_bwd(do, d_final, q, k, v, beta, saved, setup: _Setup):
     return dq, dk, dv.to(v.dtype), dbeta, d_init
 
 
+def _pad_tokens(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """``x`` with ``pad`` zero tokens appended along dim 1 (no copy when ``pad == 0``)."""
+    if not pad:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], dim=1)
+
+
 class LatticeChunkFunction(torch.autograd.Function):
-    """Autograd wrapper of the chunkwise kernels; inputs contiguous, ``state`` float32 ``(B, Hkv, d, m)``."""
+    """Autograd wrapper of the chunkwise kernels; inputs contiguous, ``state`` float32 ``(B, Hkv, d, m)``.
+
+    The sweeps walk whole 16-token sub-chunks: a ragged ``T`` is padded with tokens whose ``beta`` is 0, which
+    leave every slot unchanged (``a = 1, b = 0``) and receive no gradient, and the outputs are cut back to ``T``.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, beta, state, chunk_size, exact, orthogonal, normalize):
+        T = q.shape[1]
+        pad = -T % BC
+        q, k, v, beta = (_pad_tokens(x, pad) for x in (q, k, v, beta))
         setup = _Setup(q, v, chunk_size=chunk_size, exact=exact, orthogonal=orthogonal, normalize=normalize)
         o, final, saved = lattice_fwd(q, k, v, beta, state, setup)
         ctx.setup = setup
+        ctx.pad = pad
         ctx.save_for_backward(q, k, v, beta, *saved)
-        return o, final
+        return o[:, :T] if pad else o, final
 
     @staticmethod
     def backward(ctx, do, d_final):
         q, k, v, beta, *saved = ctx.saved_tensors
         dq, dk, dv, dbeta, d_state = lattice_bwd(
-            do.contiguous(), None if d_final is None else d_final.contiguous(), q, k, v, beta, saved, ctx.setup
+            _pad_tokens(do.contiguous(), ctx.pad), None if d_final is None else d_final.contiguous(),
+            q, k, v, beta, saved, ctx.setup,
         )
+        T = q.shape[1] - ctx.pad
+        dq, dk, dv, dbeta = (x[:, :T] for x in (dq, dk, dv, dbeta))
         return dq, dk, dv, dbeta, d_state, None, None, None, None
 
 
