@@ -65,18 +65,3 @@ def distill_flags(student: Path, teacher: Path, out_dir: Path, corpus: Path, *ex
         "--precision", "32-true",
         *extra,
     ]
-
-
-def run_cli(*args: str, cwd: Path, check: bool = True):
-    """``lattice ARGS`` in a fresh process on one CPU thread (the CI machine has two cores, shared)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "COLUMNS": "160", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "lattice_plugin", *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"lattice {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from litgpt.utils import save_config
 
+from conftest import TINY_MODEL
 from lattice_plugin.checkpoint import save_safetensors
 from lattice_plugin.config import LatticeConfig
 from lattice_plugin.corpus import shipped_corpus, train_tokenizer
@@ -23,24 +24,18 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 400) -> Path:
 
 
 def tiny_config(vocab_size: int = 400, lattice_layers: str | None = "all", **overrides) -> LatticeConfig:
-    options = dict(
-        name="tiny-eval",
-        block_size=256,
-        vocab_size=vocab_size,
-        padding_multiple=16,
-        n_layer=2,
-        n_head=2,
-        n_query_groups=1,
-        n_embd=32,
-        rotary_percentage=1.0,
-        parallel_residual=False,
-        bias=False,
-        norm_class_name="RMSNorm",
-        mlp_class_name="LLaMAMLP",
-        intermediate_size=64,
-        lattice_layers=lattice_layers,
-        lattice_chunk_size=16,
-    )
+    options = {
+        **TINY_MODEL,
+        "name": "tiny-eval",
+        "block_size": 256,
+        "vocab_size": vocab_size,
+        "padding_multiple": 16,
+        "n_layer": 2,
+        "n_head": 2,
+        "n_query_groups": 1,
+        "lattice_layers": lattice_layers,
+        "lattice_chunk_size": 16,
+    }
     options.update(overrides)
     return LatticeConfig(**options)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_helpers import distill_flags, make_pair, run_cli
+from conftest import run_lattice
+from distill_helpers import distill_flags, make_pair
 from lattice_plugin.checkpoint import load_model, load_state_dict
 from lattice_plugin.distill.args import parse
 from lattice_plugin.distill.losses import AttentionTransfer, lattice_parameter_names
@@ -35,7 +36,7 @@ def full_run(pair, tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) 
     teacher, student = pair
     work = tmp_path_factory.mktemp("full")
     out_dir = work / "out"
-    result = run_cli("distill", *distill_flags(student, teacher, out_dir, tiny_corpus), cwd=work)
+    result = run_lattice("distill", *distill_flags(student, teacher, out_dir, tiny_corpus), cwd=work)
     return {"out_dir": out_dir, "report": json.loads((out_dir / "report.json").read_text()), "stdout": result.stdout}
 
 
@@ -161,7 +162,7 @@ def test_missing_or_corrupted_checkpoints_are_clear_errors(full_run, pair, tiny_
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     teacher, student = pair
-    result = run_cli("distill", *distill_flags(student, teacher, broken, tiny_corpus), "--resume", "true", cwd=tmp_path, check=False)
+    result = run_lattice("distill", *distill_flags(student, teacher, broken, tiny_corpus), "--resume", "true", cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("lattice: error: cannot read weights from")
     assert "Traceback" not in result.stderr
@@ -171,7 +172,7 @@ def test_bad_recipe_keys_are_one_clear_error(pair, tiny_corpus, tmp_path):
     teacher, student = pair
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(f"student_dir: {student}\nstage2:\n  temprature: 2.0\n  max_steps: 2\nstage1:\n  max_steps: 2\n")
-    result = run_cli("distill", "--config", recipe, cwd=tmp_path, check=False)
+    result = run_lattice("distill", "--config", recipe, cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
