@@ -169,6 +169,21 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def atomic_write(path: Path, payload: str | bytes) -> None:
+    """Write a file through a temporary sibling renamed into place (text as UTF-8), with open()'s permissions."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload.encode("utf-8") if isinstance(payload, str) else payload)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file owner-only
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

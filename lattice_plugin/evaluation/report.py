@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lattice_plugin.evaluation.data import atomic_write_bytes, atomic_write_text
+from lattice_plugin.checkpoint import atomic_write
 
 PNG_NOTE = "no PNG: matplotlib is not installed (install the plugin's `eval` extra, or `pip install matplotlib`)"
 
@@ -165,7 +165,7 @@ def write_summary(
     png = plot_png(table, list(checkpoints))
     png_path = out_dir / "summary.png" if png is not None else None
     if png is not None:
-        atomic_write_bytes(png_path, png)
+        atomic_write(png_path, png)
     md_path = out_dir / "summary.md"
-    atomic_write_text(md_path, markdown_report(table, checkpoints, settings, "summary.png" if png else None))
+    atomic_write(md_path, markdown_report(table, checkpoints, settings, "summary.png" if png else None))
     return md_path, png_path

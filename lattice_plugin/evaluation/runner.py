@@ -24,14 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lattice_plugin.checkpoint import atomic_write
 from lattice_plugin.errors import LatticeError
-from lattice_plugin.evaluation.data import (
-    SUITE_TAG,
-    TaskDataConfig,
-    atomic_write_text,
-    prepare_tasks,
-    task_names,
-)
+from lattice_plugin.evaluation.data import SUITE_TAG, TaskDataConfig, prepare_tasks, task_names
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +65,15 @@ def check_checkpoint(checkpoint_dir: Path) -> None:
 
 
 def checkpoint_labels(checkpoint_dirs: list[Path]) -> dict[str, Path]:
-    """Short unique labels for the table: the directory name, made unique with its parents or a number."""
+    """Short unique labels for the table: the directory name (with its parent for litgpt's generic ``final`` and
+    ``step-N`` names), made unique with more parents or a number."""
     labels: dict[str, Path] = {}
     for path in checkpoint_dirs:
         path = Path(path)
         parts = path.absolute().parts
-        label = path.name or str(path)
-        depth = 2
+        generic = path.name == "final" or path.name.startswith("step-")
+        label = "/".join(parts[-2:]) if generic else (path.name or str(path))
+        depth = 3 if generic else 2
         while label in labels and depth <= len(parts):
             label = "/".join(parts[-depth:])
             depth += 1
@@ -280,13 +277,13 @@ def run_eval(
         del lm
         samples = results.pop("samples", None)
         runs[label] = json.loads(json.dumps(results, default=handle_non_serializable, ensure_ascii=False))
-        atomic_write_text(out_dir / "lm-eval" / f"{_safe(label)}.json", json.dumps(runs[label], indent=2) + "\n")
+        atomic_write(out_dir / "lm-eval" / f"{_safe(label)}.json", json.dumps(runs[label], indent=2) + "\n")
         if samples:
             for task, task_samples in samples.items():
                 lines = "".join(
                     json.dumps(s, default=handle_non_serializable, ensure_ascii=False) + "\n" for s in task_samples
                 )
-                atomic_write_text(out_dir / "samples" / _safe(label) / f"{task}.jsonl", lines)
+                atomic_write(out_dir / "samples" / _safe(label) / f"{task}.jsonl", lines)
         _release_memory()
 
     from lattice_plugin.evaluation import report
@@ -307,7 +304,7 @@ def run_eval(
         "settings": {**asdict(settings), "task_data": str(tasks_dir.parent)},
         "results": runs,
     }
-    atomic_write_text(out_dir / "results.json", json.dumps(combined, indent=2, default=str) + "\n")
+    atomic_write(out_dir / "results.json", json.dumps(combined, indent=2, default=str) + "\n")
     md_path, png_path = report.write_summary(out_dir, table, combined["checkpoints"], shown)
     echo(report.text_table(table, list(labels)))
     echo(f"wrote {out_dir / 'results.json'}, {md_path}" + (f", {png_path}" if png_path else f" ({report.PNG_NOTE})"))
