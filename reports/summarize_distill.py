@@ -1,13 +1,18 @@
 """Summarise the distillation report JSONs of reports/run_distill_gpu.sh (or any folder of distill-*.json):
-held-out perplexity per stage, tokens/s per stage, and how closely the 2-GPU loss curves follow the 1-GPU one.
+held-out perplexity per stage, tokens/s (total and per GPU), peak memory per GPU, and for runs on several GPUs the
+speed-up, scaling efficiency and loss-curve agreement against the 1-GPU run of the same model. Runs are named
+``<model>-<N>gpu[-<strategy>]`` (e.g. all-1gpu, all-2gpu-fsdp); a run is compared with ``<model>-1gpu[-...]``.
 
     python reports/summarize_distill.py reports/   > summary.json
 """
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
+
+RUN_NAME = re.compile(r"^(?P<model>.+)-(?P<gpus>\d+)gpu(?:-(?P<strategy>.+))?$")
 
 
 def curve(report: dict, stage: str) -> list[float]:
@@ -49,23 +54,40 @@ def main(folder: Path) -> dict:
             "perplexity": report["perplexity"],
             "tokens": report["tokens"],
             "tokens_per_sec": {s: r["steady_tokens_per_sec"] for s, r in report["stages"].items()},
+            "tokens_per_sec_per_gpu": {
+                s: r["steady_tokens_per_sec"] / env["world_size"] for s, r in report["stages"].items() if r["steady_tokens_per_sec"]
+            },
+            "peak_memory_gib_per_gpu": {
+                s: max(r["peak_memory_bytes_per_rank"]) / 2**30 for s, r in report["stages"].items() if r.get("peak_memory_bytes_per_rank")
+            },
             "train_seconds": {s: r["train_seconds"] for s, r in report["stages"].items()},
             "decode": {k: v for k, v in report.get("decode", {}).items() if k != "tokens"},
             "cache_bytes": report["cache_bytes"],
             "wall_seconds": report["wall_seconds"],
         }
-    reference = reports.get("all-1gpu")
-    if reference is not None:
-        for name, report in reports.items():
-            if name.startswith("all-2gpu"):
-                entry = summary["runs"][name]
-                entry["speedup_vs_1gpu"] = {
-                    stage: report["stages"][stage]["steady_tokens_per_sec"] / reference["stages"][stage]["steady_tokens_per_sec"]
-                    for stage in report["stages"]
-                    if reference["stages"].get(stage, {}).get("steady_tokens_per_sec") and report["stages"][stage]["steady_tokens_per_sec"]
-                }
-                entry["loss_curve_vs_1gpu"] = {stage: agreement(curve(reference, stage), curve(report, stage)) for stage in report["stages"]}
+    for name, report in reports.items():
+        reference = one_gpu_run(name, reports)
+        if reference is None or reference is report:
+            continue
+        entry = summary["runs"][name]
+        world_size = report["environment"]["world_size"]
+        entry["speedup_vs_1gpu"] = {
+            stage: report["stages"][stage]["steady_tokens_per_sec"] / reference["stages"][stage]["steady_tokens_per_sec"]
+            for stage in report["stages"]
+            if reference["stages"].get(stage, {}).get("steady_tokens_per_sec") and report["stages"][stage]["steady_tokens_per_sec"]
+        }
+        entry["scaling_efficiency"] = {stage: speedup / world_size for stage, speedup in entry["speedup_vs_1gpu"].items()}
+        entry["loss_curve_vs_1gpu"] = {stage: agreement(curve(reference, stage), curve(report, stage)) for stage in report["stages"]}
     return summary
+
+
+def one_gpu_run(name: str, reports: dict) -> dict | None:
+    """The 1-GPU run of the same model as ``name`` (any strategy, the plain one first)."""
+    match = RUN_NAME.match(name)
+    if match is None:
+        return None
+    candidates = sorted(other for other in reports if (m := RUN_NAME.match(other)) and m["model"] == match["model"] and m["gpus"] == "1")
+    return reports[candidates[0]] if candidates else None
 
 
 if __name__ == "__main__":

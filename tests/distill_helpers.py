@@ -65,3 +65,55 @@ def distill_flags(student: Path, teacher: Path, out_dir: Path, corpus: Path, *ex
         "--precision", "32-true",
         *extra,
     ]
+
+
+def sharded_transfer_step(rank: int, world_size: int, port: int, student: str, teacher_forcing: bool, result: str) -> None:
+    """One attention-transfer SGD step of ``student`` sharded with FSDP like ``lattice distill --strategy fsdp`` (the
+    trainer's units, ``through_outputs``), on the CPU over gloo; rank 0 writes the loss after the step to ``result``."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from lattice_plugin.distill.losses import set_trainable
+    from lattice_plugin.distill.trainer import FSDP_UNITS
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model, tokens = transfer_setup(Path(student))
+        set_trainable(model, "lattice")
+        model = FullyShardedDataParallel(
+            model, auto_wrap_policy=ModuleWrapPolicy(FSDP_UNITS), use_orig_params=True, device_id=torch.device("cpu")
+        )
+        loss = transfer_losses(model, tokens, teacher_forcing, through_outputs=True)
+        if rank == 0:
+            Path(result).write_text(repr(loss))
+    finally:
+        dist.destroy_process_group()
+
+
+def transfer_setup(student: Path) -> tuple[torch.nn.Module, torch.Tensor]:
+    from lattice_plugin.checkpoint import load_model
+
+    model = load_model(student)
+    torch.manual_seed(1)
+    return model, torch.randint(0, model.config.vocab_size, (2, 24))
+
+
+def transfer_losses(model: torch.nn.Module, tokens: torch.Tensor, teacher_forcing: bool, through_outputs: bool) -> float:
+    """Attention-transfer loss after one SGD step (lr 0.5) on ``tokens`` (every rank sees the same batch)."""
+    from lattice_plugin.distill.losses import AttentionTransfer
+
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    with AttentionTransfer(model, teacher_forcing=teacher_forcing, through_outputs=through_outputs) as transfer:
+        for step in range(2):
+            loss, _ = transfer.pop(model(tokens))
+            if step == 1:
+                return loss.item()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()

@@ -190,3 +190,27 @@ def test_bad_recipe_keys_are_one_clear_error(pair, tiny_corpus, tmp_path):
     ]:
         with pytest.raises(LatticeError, match=message):
             parse(argv)
+
+
+@pytest.mark.parametrize("teacher_forcing", [True, False])
+def test_attention_transfer_under_fsdp_takes_the_same_step(pair, teacher_forcing, tmp_path):
+    """Under FSDP the layer losses must reach each block through its output, or the backward finds the block's
+    weights already freed (what the first 2-GPU FSDP run hit). Two CPU processes over gloo take the step that one
+    unsharded process takes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from distill_helpers import sharded_transfer_step, transfer_losses, transfer_setup
+    from lattice_plugin.distill.losses import set_trainable
+
+    _, student = pair
+    model, tokens = transfer_setup(student)
+    set_trainable(model, "lattice")
+    reference = transfer_losses(model, tokens, teacher_forcing, through_outputs=False)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    result = tmp_path / "loss"
+    mp.spawn(sharded_transfer_step, args=(2, port, str(student), teacher_forcing, str(result)), nprocs=2)
+    assert float(result.read_text()) == pytest.approx(reference, rel=1e-5)

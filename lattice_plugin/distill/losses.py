@@ -61,11 +61,20 @@ class AttentionTransfer:
 
     Use as a context manager around the training forwards; :meth:`pop` returns the mean over layers (the loss) and
     the per-layer values of the forwards since the last call. Forwards in eval mode (validation) are left alone.
+
+    ``through_outputs`` is for sharded models (FSDP): FSDP gathers a unit's weights for the backward only when the
+    gradient reaches it through the unit's outputs, but the layer losses hang off the middle of each block (and
+    teacher forcing cuts the student's outputs off the graph). Then each mixer output stays on the path to the model
+    output with weight zero, and :meth:`pop` given the model output adds ``0 * output``: the gradients are unchanged,
+    the backward enters every block through its output.
     """
 
-    def __init__(self, model: nn.Module, teacher_forcing: bool = True, training_only: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, teacher_forcing: bool = True, training_only: bool = True, through_outputs: bool = False
+    ) -> None:
         self.teacher_forcing = teacher_forcing
         self.training_only = training_only  # validation forwards (eval mode) neither record nor teacher-force
+        self.through_outputs = through_outputs
         self.mixers = [module for module in model.modules() if isinstance(module, LatticeMixer)]
         if not self.mixers:
             raise ValueError("the student has no Lattice layers: there is no attention to transfer")
@@ -91,15 +100,23 @@ class AttentionTransfer:
         with torch.no_grad():
             target = CausalSelfAttention.forward(module, x, cos, sin, mask)
         self.losses.append(F.mse_loss(output.float(), target.float()))
-        return target if self.teacher_forcing else None
+        if not self.teacher_forcing:
+            return None
+        return target + 0 * output if self.through_outputs else target
 
-    def pop(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean over layers of the MSE, per-layer MSE) of the forwards since the last call."""
+    def pop(self, model_output: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean over layers of the MSE, per-layer MSE) of the forwards since the last call; with ``through_outputs``,
+        pass the model output of those forwards."""
         if len(self.losses) % len(self.mixers):
             raise RuntimeError(f"{len(self.losses)} layer losses for {len(self.mixers)} Lattice layers")
         per_layer = torch.stack(self.losses).view(-1, len(self.mixers)).mean(0)
         self.losses = []
-        return per_layer.mean(), per_layer.detach()
+        loss = per_layer.mean()
+        if self.through_outputs:
+            if model_output is None:
+                raise ValueError("through_outputs needs the model output")
+            loss = loss + 0 * model_output.float().sum()
+        return loss, per_layer.detach()
 
 
 def distillation_loss(

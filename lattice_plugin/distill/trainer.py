@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from litgpt.model import Block
 
 from lattice_plugin.checkpoint import atomic_directory, check_state_dict, find_weights, load_config, load_model, load_state_dict
 from lattice_plugin.distill.args import DistillConfig
@@ -27,6 +28,7 @@ from lattice_plugin.distill.checkpointing import (
     step_dir,
 )
 from lattice_plugin.errors import LatticeError
+from lattice_plugin.model import LatticeBlock
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "prompt_style.yaml")
 STAGE_FILE = "stage.json"
@@ -43,19 +45,18 @@ def default_precision() -> str:
     return "32-true"
 
 
+FSDP_UNITS = {Block, LatticeBlock}  # each transformer block is one FSDP unit (sharded, gathered for its compute)
+
+
 def build_fabric(config: DistillConfig):
     import lightning as L
     from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 
-    from lattice_plugin.model import LatticeBlock
-
     precision = config.precision or default_precision()
     if config.strategy == "fsdp":
-        from litgpt.model import Block
-
         # use_orig_params: frozen and trainable parameters share FSDP units (stage 1 and LoRA train only some)
         strategy: Any = FSDPStrategy(
-            auto_wrap_policy={Block, LatticeBlock}, state_dict_type="full", use_orig_params=True, sharding_strategy="FULL_SHARD"
+            auto_wrap_policy=FSDP_UNITS, state_dict_type="full", use_orig_params=True, sharding_strategy="FULL_SHARD"
         )
     elif config.strategy == "ddp":
         strategy = DDPStrategy(find_unused_parameters=False)
@@ -321,9 +322,13 @@ class Stage:
             progress["metrics"]["start"] = start
             self.log(f"stage {stage} start: held-out loss {start['loss']:.4f}, perplexity {start['ppl']:.2f}")
 
-        transfer = AttentionTransfer(model, teacher_forcing=args.teacher_forcing) if stage == 1 else None
+        transfer = None
+        if stage == 1:
+            transfer = AttentionTransfer(model, teacher_forcing=args.teacher_forcing, through_outputs=_is_fsdp(fabric))
         context = transfer if transfer is not None else nullcontext()
         steady = {"tokens": 0, "seconds": 0.0}
+        if fabric.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(fabric.device)
         first_step_this_run = progress["step"]
         bar = _progress_bar(fabric, self.max_steps, progress["step"], f"stage {stage}")
         model.train()
@@ -336,8 +341,7 @@ class Stage:
                     inputs, targets = batch[:, :-1].long(), batch[:, 1:].long()
                     with fabric.no_backward_sync(model, enabled=micro < self.accumulation - 1):
                         if transfer is not None:
-                            model(inputs)
-                            loss, per_layer = transfer.pop()
+                            loss, per_layer = transfer.pop(model(inputs))
                             parts = {"mse_layer_max": per_layer.max()}
                         else:
                             with torch.inference_mode(), fabric.autocast():
@@ -400,6 +404,7 @@ class Stage:
                     if fabric.is_global_zero:
                         logger.save()
 
+        peak_memory = peak_memory_per_rank(fabric)
         end = heldout_loss(fabric, model, val_loader(), config.eval.final_max_iters)
         progress["metrics"]["end"] = end
         logger.log_metrics({"val_loss": end["loss"], "val_ppl": end["ppl"]}, step=progress["step"])
@@ -418,6 +423,7 @@ class Stage:
             "train_seconds": progress["train_seconds"],
             "tokens_per_sec": progress["tokens"] / max(progress["train_seconds"], 1e-9),
             "steady_tokens_per_sec": steady["tokens"] / steady["seconds"] if steady["seconds"] else None,
+            "peak_memory_bytes_per_rank": peak_memory,
             "heldout_start": progress["metrics"]["start"],
             "heldout_end": end,
             "history": progress["history"],
@@ -451,6 +457,16 @@ class Stage:
                         shutil.copy2(Path(init_dir) / name, tmp_dir / name)
                 (tmp_dir / STAGE_FILE).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         fabric.barrier()
+
+
+def peak_memory_per_rank(fabric: Any) -> list[int] | None:
+    """Each rank's peak allocated CUDA memory during this run's training steps (None on the CPU)."""
+    if fabric.device.type != "cuda":
+        return None
+    peak = torch.tensor([torch.cuda.max_memory_allocated(fabric.device)], device=fabric.device)
+    if fabric.world_size > 1:
+        peak = fabric.all_gather(peak)
+    return [int(x) for x in peak.flatten().tolist()]
 
 
 def _is_fsdp(fabric: Any) -> bool:
