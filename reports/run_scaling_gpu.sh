@@ -19,9 +19,9 @@ if [ "$DRY" = 1 ]; then
   COUNTS=(1)
 else
   TEACHER=()
-  DISTILL=()
-  COUNTS=()
-  for n in 1 2 4 8; do [ "$n" -le "$GPUS" ] && COUNTS+=("$n"); done
+  DISTILL=(${STEPS:+--stage2.max_steps "$STEPS"})  # STEPS=N: a shorter run than the recipe's 40 steps
+  COUNTS=(1)  # then the largest count first: the new number is in even if the call runs out of time
+  for n in 8 4 2; do [ "$n" -le "$GPUS" ] && COUNTS+=("$n"); done
 fi
 step corpus 120 $L corpus "$W/corpus" --force
 step teacher 300 env LATTICE_COMPILE=${LATTICE_COMPILE:-0} $L pretrain --config recipes/pretrain/teacher-300m.yaml \
