@@ -15,6 +15,11 @@ Layout of the work (timings and the reasoning behind it in bench/NOTES.md):
   sweep through :func:`_unpack_rows` and scalars leave it through :func:`_opaque`.
 - Given those, every d-sized product is parallel over chunks: the outputs, dq and dv re-walk a chunk's
   sub-chunks from its stored start state with the gates recomputed from ``c`` (never stored per step).
+  Inside a sub-chunk these passes have no per-token loop: the gates are per-thread rows (:func:`_sub_gates`), and
+  the 16 x 16 decay-weighted matrix ``M[t, j] = sum_i x_t[i] b_j[i] prod_{j<l<=t} a_l[i]`` is a sum of five small
+  matmuls (:func:`_intra`): the diagonal and the four levels of a binary split of the sub-chunk, each level's
+  decay factored at the boundary between its halves into two plain products of gates (exact for any gates:
+  nothing is divided, no logarithm). Packed tiles leave the per-thread rows through :func:`_opaque`.
 - Backward: one sequential reverse sweep per slot block gives ``dc`` (the gradient through the gates' state
   dependence), d gamma and d ||v||^2 per token, and the state gradient at every chunk end. Per sub-chunk each
   thread keeps ``g . v_l`` (16 scalars) and ``g . s_b`` for its slot; ``g_t . s_{t-1}`` is a Horner sum over
@@ -32,9 +37,10 @@ import triton.language as tl
 BC = 16  # tokens per sub-chunk of the sweeps (tl.dot needs >= 16)
 CS_EXACT = 64  # tokens between stored states for gates="exact" (a free choice: the math does not depend on it)
 BM_SCAN = 16  # slots per program of the sequential sweeps
-BV_READ = 64  # value columns per program of the parallel passes
+BV_READ = 128  # value columns per program of the read pass (64 when m > 64): the gates are computed per program
+BV_DV = 64  # value columns per program of the dv pass
 BK_DQ = 64  # slots per program of the dq pass
-SCAN_WARPS = 4  # warps per program of the sequential sweeps (bench/NOTES.md, version 3)
+SCAN_WARPS = 2  # warps per program of the sequential sweeps (bench/NOTES.md, versions 3 and 4)
 
 
 @triton.jit
@@ -89,23 +95,6 @@ def _gate_grads(c, gamma, vv, ns, a, b, da, db, dns_new, ORTHOGONAL: tl.constexp
             dvv = dc
             dns = dc
     return dc, dgamma, dvv, dns
-
-
-@triton.jit
-def _token_gates(c_in, ns_in, k, beta, gram, tk, j, o_m, m_mask, live, M: tl.constexpr, BCC: tl.constexpr,
-                 ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr):
-    """Gates of one token from the stored ``c`` (and ``||s||^2``): ``(c, gamma, vv, ns, a, b, ns_new)``."""
-    c = tl.load(c_in + tk * M + o_m, mask=m_mask & live, other=0.0)
-    gamma = tl.load(beta + tk, mask=live, other=0.0).to(tl.float32) * tl.load(
-        k + tk * M + o_m, mask=m_mask & live, other=0.0
-    ).to(tl.float32)
-    vv = tl.load(gram + tk * BCC + j, mask=live, other=0.0)
-    if TRACK_NS:
-        ns = tl.load(ns_in + tk * M + o_m, mask=m_mask & live, other=1.0)
-    else:
-        ns = c * 0.0 + 1.0
-    a, b, ns_new = _gates(c, gamma, vv, ns, ORTHOGONAL, NORMALIZE)
-    return c, gamma, vv, ns, a, b, ns_new
 
 
 @triton.jit
@@ -313,6 +302,141 @@ def _fwd_scan_kernel(
 
 
 @triton.jit
+def _ones(x):
+    return x * 0.0 + 1.0
+
+
+@triton.jit
+def _seg_prefix(As, h: tl.constexpr, EXCL: tl.constexpr):
+    """Row ``t`` of 16 per-thread gate rows: the product of ``a_l`` over ``l`` from the start of ``t``'s aligned
+    ``h``-token segment to ``t`` (EXCL: to ``t - 1``; an empty product is 1). Plain products, no division."""
+    out = ()
+    p = As[0]
+    for t in tl.static_range(16):
+        if t % h == 0:
+            if EXCL:
+                p = _ones(As[t])
+            else:
+                p = As[t]
+        else:
+            if EXCL:
+                p = p * As[t - 1]
+            else:
+                p = p * As[t]
+        out = out + (p,)
+    return out
+
+
+@triton.jit
+def _seg_suffix(As, h: tl.constexpr):
+    """Row ``j``: the product of ``a_l`` over ``j < l <= `` the end of ``j``'s aligned ``h``-token segment."""
+    out = ()
+    s = As[0]
+    for j in tl.static_range(15, -1, -1):
+        if j % h == h - 1:
+            s = _ones(As[j])
+        else:
+            s = s * As[j + 1]
+        out = (s,) + out
+    return out
+
+
+@triton.jit
+def _mul_rows(Xs, Ys):
+    """Row-wise products of two tuples of 16 per-thread rows."""
+    out = ()
+    for t in tl.static_range(16):
+        out = out + (Xs[t] * Ys[t],)
+    return out
+
+
+@triton.jit
+def _pack_sel(rows, h: tl.constexpr, PAR: tl.constexpr):
+    """A ``[16, BK]`` tile from per-thread rows, keeping the rows ``t`` with ``(t // h) % 2 == PAR`` (all rows for
+    ``PAR == 2``) and zeros elsewhere (register selects, as :func:`_pack_rows`)."""
+    o = tl.arange(0, 16)[:, None]
+    X = tl.where(o < 0, rows[0][None, :], 0.0)
+    for j in tl.static_range(16):
+        if PAR == 2:
+            X = tl.where(o == j, rows[j][None, :], X)
+        elif (j // h) % 2 == PAR:
+            X = tl.where(o == j, rows[j][None, :], X)
+    return _opaque(X)
+
+
+@triton.jit
+def _pack_all(rows):
+    """:func:`_pack_rows` behind :func:`_opaque`: the layout pass can neither re-derive the per-thread rows in the
+    layout of the tile's user (a matmul result, an operand) nor move the selects there."""
+    return _pack_sel(rows, 1, 2)
+
+
+@triton.jit
+def _level(Xs, As, Bs, h: tl.constexpr, EXCL: tl.constexpr, TRANS: tl.constexpr, PREC: tl.constexpr):
+    """The pairs ``(t, j)`` of one level of the binary split of a 16-token sub-chunk: ``t`` in the upper and ``j``
+    in the lower half of the same aligned ``2h`` block. Their decay splits at the boundary ``r`` between the
+    halves into two plain products, ``prod_{j<l<=r} a_l`` (on ``b_j``) and ``prod_{r<l<=t} a_l`` (on ``x_t``), so
+    the level is one ``[16, BK] x [BK, 16]`` matmul, exact for any gates (nothing is divided)."""
+    Xh = _pack_sel(_mul_rows(Xs, _seg_prefix(As, h, EXCL)), h, 1)
+    Yh = _pack_sel(_mul_rows(Bs, _seg_suffix(As, h)), h, 0)
+    if TRANS:
+        Mh = tl.dot(Yh, tl.trans(Xh), input_precision=PREC)
+    else:
+        Mh = tl.dot(Xh, tl.trans(Yh), input_precision=PREC)
+    r = tl.arange(0, 16)[:, None]
+    c = tl.arange(0, 16)[None, :]
+    return tl.where(r // (2 * h) == c // (2 * h), Mh, 0.0)
+
+
+@triton.jit
+def _intra(X, Xs, As, Bs, EXCL: tl.constexpr, TRANS: tl.constexpr, PREC: tl.constexpr):
+    """``M[t, j] = sum_i x_t[i] b_j[i] prod_{j<l<=t} a_l[i]`` for ``j <= t`` within a sub-chunk (EXCL:
+    ``prod_{j<l<t}``, ``j < t``); TRANS gives ``M^T``. ``X``: the ``[16, BK]`` tile of ``Xs``; ``Xs, As, Bs``:
+    per-thread rows. Five (EXCL: four) small matmuls: the diagonal and the four levels of the binary split."""
+    r = tl.arange(0, 16)[:, None]
+    c = tl.arange(0, 16)[None, :]
+    M = _level(Xs, As, Bs, 1, EXCL, TRANS, PREC)
+    M += _level(Xs, As, Bs, 2, EXCL, TRANS, PREC)
+    M += _level(Xs, As, Bs, 4, EXCL, TRANS, PREC)
+    M += _level(Xs, As, Bs, 8, EXCL, TRANS, PREC)
+    if not EXCL:
+        B = _pack_all(Bs)
+        if TRANS:
+            Md = tl.dot(B, tl.trans(X), input_precision=PREC)
+        else:
+            Md = tl.dot(X, tl.trans(B), input_precision=PREC)
+        M += tl.where(r == c, Md, 0.0)
+    return M
+
+
+@triton.jit
+def _sub_gates(c_in, ns_in, k, beta, gram, row0, o_c, o_k, k_mask, H: tl.constexpr, M: tl.constexpr,
+               BCC: tl.constexpr, ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr):
+    """Gates ``a, b`` of a 16-token sub-chunk (token ``j`` at row ``row0 + j * H`` of the kv-head tensors) as
+    per-thread rows: the ``c`` and ``k`` tiles are unpacked once (:func:`_unpack_rows`), ``beta`` and ``||v||^2``
+    are uniform scalar loads, and every gate is computed in that one layout (tile gates would be recomputed in
+    each layout their users need)."""
+    tile = (row0 + o_c * H)[:, None] * M + o_k[None, :]
+    mask = (o_c < BCC)[:, None] & k_mask[None, :]
+    Cs = _unpack_rows(tl.load(c_in + tile, mask=mask, other=0.0))
+    Ks = _unpack_rows(tl.load(k + tile, mask=mask, other=0.0).to(tl.float32))
+    if TRACK_NS:
+        Ns = _unpack_rows(tl.load(ns_in + tile, mask=mask, other=1.0))
+    As = ()
+    Bs = ()
+    for j in tl.static_range(16):
+        if TRACK_NS:
+            ns = Ns[j]
+        else:
+            ns = _ones(Cs[j])
+        gamma = tl.load(beta + row0 + j * H).to(tl.float32) * Ks[j]
+        a, b, _ = _gates(Cs[j], gamma, tl.load(gram + (row0 + j * H) * BCC + j), ns, ORTHOGONAL, NORMALIZE)
+        As = As + (a,)
+        Bs = Bs + (b,)
+    return As, Bs
+
+
+@triton.jit
 def _chunk_read_kernel(
     x, k, v, beta, gram, c_in, ns_in, states, out,
     T, NC,
@@ -322,7 +446,11 @@ def _chunk_read_kernel(
     ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr, PREC: tl.constexpr,
 ):
     """``out_t = S_t x_t`` over one chunk (the outputs, x = q); with EXCLUSIVE ``S_{t-1} x_t`` (dv's gate term,
-    x = dc); with FROZEN the chunk-start state for every token (dv's gate term for gates="chunk")."""
+    x = dc); with FROZEN the chunk-start state for every token (dv's gate term for gates="chunk").
+
+    Per 16-token sub-chunk: ``out = (x * A) S_b^T + M V`` with ``M`` from :func:`_intra`, then
+    ``S_b <- S_b diag(A_end) + V^T W``; the gate products are per-thread scalars, the rest matmuls.
+    ``T`` is a multiple of ``BCC`` (the wrapper pads with identity tokens)."""
     i_v, i_c, i_bx = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_hx = i_bx // HX, i_bx % HX
     i_h = i_hx // (HX // H)
@@ -336,39 +464,31 @@ def _chunk_read_kernel(
                 mask=v_mask[:, None] & k_mask[None, :], other=0.0)
     tok0 = i_b.to(tl.int64) * T * H + i_h
     xtok0 = i_b.to(tl.int64) * T * HX + i_hx
+    xk_mask = (o_c < BCC)[:, None] & k_mask[None, :]
+    xv_mask = (o_c < BCC)[:, None] & v_mask[None, :]
     t0 = i_c * CS
     while t0 < tl.minimum(i_c * CS + CS, T):
-        rows = t0 + o_c
-        t_mask = rows < T
-        tok = tok0 + rows.to(tl.int64) * H
-        xtok = xtok0 + rows.to(tl.int64) * HX
+        rows = tok0 + (t0 + o_c).to(tl.int64) * H
+        xrows = xtok0 + (t0 + o_c).to(tl.int64) * HX
+        X = tl.load(x + xrows[:, None] * M + o_k[None, :], mask=xk_mask, other=0.0).to(tl.float32)
         if FROZEN:
-            X = tl.load(x + xtok[:, None] * M + o_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-            o = tl.dot(X.to(tl.float32), tl.trans(S), input_precision=PREC)
+            o = tl.dot(X, tl.trans(S), input_precision=PREC)
         else:
-            W = tl.zeros([BCC, BK], dtype=tl.float32)
-            A = tl.full([BK], 1.0, dtype=tl.float32)
-            XA = tl.zeros([BCC, BK], dtype=tl.float32)
-            Mt = tl.zeros([BCC, BCC], dtype=tl.float32)
-            for j in tl.range(0, BCC):
-                t = t0 + j
-                live = t < T
-                sel = (o_c == j)[:, None]
-                _, _, _, _, a, b, _ = _token_gates(c_in, ns_in, k, beta, gram, tok0 + t * H, j, o_k, k_mask, live,
-                                                   M, BCC, ORTHOGONAL, NORMALIZE, TRACK_NS)
-                xr = tl.load(x + (xtok0 + t * HX) * M + o_k, mask=k_mask & live, other=0.0).to(tl.float32)
-                if EXCLUSIVE:
-                    XA = tl.where(sel, (xr * A)[None, :], XA)
-                    Mt = tl.where(sel, tl.sum(W * xr[None, :], 1)[None, :], Mt)
-                W = a[None, :] * W + tl.where(sel, b[None, :], 0.0)
-                A = A * a
-                if not EXCLUSIVE:
-                    XA = tl.where(sel, (xr * A)[None, :], XA)
-                    Mt = tl.where(sel, tl.sum(W * xr[None, :], 1)[None, :], Mt)
-            Vf = tl.load(v + tok[:, None] * D + o_v[None, :], mask=t_mask[:, None] & v_mask[None, :], other=0.0).to(tl.float32)
-            o = tl.dot(XA, tl.trans(S), input_precision=PREC) + tl.dot(Mt, Vf, input_precision=PREC)
-            S = S * A[None, :] + tl.dot(tl.trans(Vf), W, input_precision=PREC)
-        tl.store(out + xtok[:, None] * D + o_v[None, :], o, mask=t_mask[:, None] & v_mask[None, :])
+            As, Bs = _sub_gates(c_in, ns_in, k, beta, gram, tok0 + t0 * H, o_c, o_k, k_mask, H, M, BCC,
+                                ORTHOGONAL, NORMALIZE, TRACK_NS)
+            Xs = _unpack_rows(X)
+            P = _seg_prefix(As, 16, EXCLUSIVE)  # decay from the sub-chunk start to t (EXCLUSIVE: to t - 1)
+            Mt = _intra(X, Xs, As, Bs, EXCLUSIVE, False, PREC)
+            Vf = tl.load(v + rows[:, None] * D + o_v[None, :], mask=xv_mask, other=0.0).to(tl.float32)
+            o = tl.dot(_pack_all(_mul_rows(Xs, P)), tl.trans(S), input_precision=PREC)
+            o += tl.dot(Mt, Vf, input_precision=PREC)
+            if EXCLUSIVE:
+                A_end = P[15] * As[15]
+            else:
+                A_end = P[15]
+            W = _pack_all(_mul_rows(Bs, _seg_suffix(As, 16)))  # b_j prod_{j<l<16} a_l
+            S = S * _opaque(A_end[None, :]) + tl.dot(tl.trans(Vf), W, input_precision=PREC)
+        tl.store(out + xrows[:, None] * D + o_v[None, :], o, mask=xv_mask)
         t0 += BCC
 
 
@@ -578,6 +698,17 @@ def _bwd_scan_kernel(
 
 
 @triton.jit
+def _level_dq(Hm, As, Bs, h: tl.constexpr, PREC: tl.constexpr):
+    """One level of :func:`_intra` applied to a matrix: ``sum_j Hm[t, j] b_j prod_{j<l<=t} a_l`` over the level's
+    pairs (a ``[16, 16] x [16, BK]`` matmul, its rows scaled by the upper half's prefix products)."""
+    Xh = _pack_sel(_seg_prefix(As, h, False), h, 1)
+    Yh = _pack_sel(_mul_rows(Bs, _seg_suffix(As, h)), h, 0)
+    r = tl.arange(0, 16)[:, None]
+    c = tl.arange(0, 16)[None, :]
+    return Xh * tl.dot(tl.where(r // (2 * h) == c // (2 * h), Hm, 0.0), Yh, input_precision=PREC)
+
+
+@triton.jit
 def _bwd_dq_kernel(
     do, k, v, beta, gram, hgram, c_in, ns_in, states, dq,
     T, NC,
@@ -585,7 +716,8 @@ def _bwd_dq_kernel(
     BCC: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr, PREC: tl.constexpr,
 ):
-    """``dq_t = S_t^T do_t`` over one chunk, re-walking its sub-chunks from the stored chunk-start state."""
+    """``dq_t = S_t^T do_t`` over one chunk, walking its sub-chunks from the stored chunk-start state:
+    ``dq = (dO S_b) * A + sum_{j<=t} (do_t . v_j) b_j prod_{j<l<=t} a_l`` (the sum as in :func:`_intra`)."""
     i_k, i_c, i_bq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_hq = i_bq // HQ, i_bq % HQ
     i_h = i_hq // (HQ // H)
@@ -599,33 +731,28 @@ def _bwd_dq_kernel(
                 mask=d_mask[:, None] & k_mask[None, :], other=0.0)
     tok0 = i_b.to(tl.int64) * T * H + i_h
     qtok0 = i_b.to(tl.int64) * T * HQ + i_hq
+    vd_mask = (o_c < BCC)[:, None] & d_mask[None, :]
+    r = o_c[:, None]
+    c = o_c[None, :]
     t0 = i_c * CS
     while t0 < tl.minimum(i_c * CS + CS, T):
-        rows = t0 + o_c
-        t_mask = rows < T
-        tok = tok0 + rows.to(tl.int64) * H
-        qtok = qtok0 + rows.to(tl.int64) * HQ
-        vd_mask = t_mask[:, None] & d_mask[None, :]
-        DO = tl.load(do + qtok[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
-        F = tl.dot(DO, S, input_precision=PREC)
-        W = tl.zeros([BCC, BK], dtype=tl.float32)
-        A = tl.full([BK], 1.0, dtype=tl.float32)
-        FA = tl.zeros([BCC, BK], dtype=tl.float32)
-        DI = tl.zeros([BCC, BK], dtype=tl.float32)
-        for j in tl.range(0, BCC):
-            t = t0 + j
-            live = t < T
-            sel = (o_c == j)[:, None]
-            _, _, _, _, a, b, _ = _token_gates(c_in, ns_in, k, beta, gram, tok0 + t * H, j, o_k, k_mask, live,
-                                               M, BCC, ORTHOGONAL, NORMALIZE, TRACK_NS)
-            W = a[None, :] * W + tl.where(sel, b[None, :], 0.0)
-            A = A * a
-            h_row = tl.load(hgram + (qtok0 + t * HQ) * BCC + o_c, mask=live, other=0.0)  # do_t . v_l
-            DI = tl.where(sel, tl.sum(h_row[:, None] * W, 0)[None, :], DI)
-            FA = tl.where(sel, A[None, :], FA)
-        tl.store(dq + qtok[:, None] * M + o_k[None, :], F * FA + DI, mask=t_mask[:, None] & k_mask[None, :])
-        Vf = tl.load(v + tok[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
-        S = S * A[None, :] + tl.dot(tl.trans(Vf), W, input_precision=PREC)
+        rows = tok0 + (t0 + o_c).to(tl.int64) * H
+        qrows = qtok0 + (t0 + o_c).to(tl.int64) * HQ
+        DO = tl.load(do + qrows[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
+        Hm = tl.load(hgram + qrows[:, None] * BCC + o_c[None, :])  # do_t . v_j
+        As, Bs = _sub_gates(c_in, ns_in, k, beta, gram, tok0 + t0 * H, o_c, o_k, k_mask, H, M, BCC,
+                            ORTHOGONAL, NORMALIZE, TRACK_NS)
+        P = _seg_prefix(As, 16, False)
+        acc = tl.dot(DO, S, input_precision=PREC) * _pack_all(P)
+        acc += tl.dot(tl.where(r == c, Hm, 0.0), _pack_all(Bs), input_precision=PREC)
+        acc += _level_dq(Hm, As, Bs, 1, PREC)
+        acc += _level_dq(Hm, As, Bs, 2, PREC)
+        acc += _level_dq(Hm, As, Bs, 4, PREC)
+        acc += _level_dq(Hm, As, Bs, 8, PREC)
+        tl.store(dq + qrows[:, None] * M + o_k[None, :], acc, mask=(o_c < BCC)[:, None] & k_mask[None, :])
+        Vf = tl.load(v + rows[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
+        W = _pack_all(_mul_rows(Bs, _seg_suffix(As, 16)))
+        S = S * _opaque(P[15][None, :]) + tl.dot(tl.trans(Vf), W, input_precision=PREC)
         t0 += BCC
 
 
@@ -639,7 +766,9 @@ def _bwd_dv_kernel(
     PREC: tl.constexpr,
 ):
     """Adds ``g_t b_t + 2 v_t sum_i dvv`` to dv: the write's share, walking the chunk backwards from the stored
-    gradient of its end state."""
+    gradient of its end state. Per sub-chunk, with ``g`` the gradient of its end state:
+    ``dv_j += b_j prod_{j<l<16} a_l g + sum_{t>=j} M_q[t, j] do_t (+ sum_{t>j} M_dc[t, j] v_t for exact gates)``
+    and ``g <- g diag(A_end) + dO^T (q * A) (+ V^T (dc * A_excl))``, the ``M`` from :func:`_intra`."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     G: tl.constexpr = HQ // H
@@ -652,60 +781,40 @@ def _bwd_dv_kernel(
                 mask=v_mask[:, None] & k_mask[None, :], other=0.0)
     tok0 = i_b.to(tl.int64) * T * H + i_h
     qtok0 = i_b.to(tl.int64) * T * HQ + i_h * G
+    xk_mask = (o_c < BCC)[:, None] & k_mask[None, :]
+    xv_mask = (o_c < BCC)[:, None] & v_mask[None, :]
     c_lo = i_c * CS
     n_sub = tl.cdiv(tl.minimum(CS, T - c_lo), BCC)
-    r = n_sub - 1
-    while r >= 0:
-        t0 = c_lo + r * BCC
-        rows = t0 + o_c
-        t_mask = rows < T
-        tok = tok0 + rows.to(tl.int64) * H
-        vt_mask = t_mask[:, None] & v_mask[None, :]
-        Zc = tl.zeros([BCC, BK], dtype=tl.float32)  # adjoint's weight on v_j (via dc_j)
-        R = tl.full([BK], 1.0, dtype=tl.float32)  # adjoint's weight on g (end of the sub-chunk)
-        BR = tl.zeros([BCC, BK], dtype=tl.float32)
-        Mz = tl.zeros([BCC, BCC], dtype=tl.float32)
-        for jj in tl.range(0, BCC):
-            j = BCC - 1 - jj
-            t = t0 + j
-            live = t < T
-            tk = tok0 + t * H
-            sel = (o_c == j)[:, None]
-            _, _, _, _, a, b, _ = _token_gates(c_in, ns_in, k, beta, gram, tk, j, o_k, k_mask, live,
-                                               M, BCC, ORTHOGONAL, NORMALIZE, TRACK_NS)
-            BR = tl.where(sel, (b * R)[None, :], BR)
-            R = R * a
-            if EXACT:
-                Mz = tl.where(sel, tl.sum(Zc * b[None, :], 1)[None, :], Mz)
-                dc = tl.load(dc_in + tk * M + o_k, mask=k_mask & live, other=0.0)
-                Zc = tl.where(sel, dc[None, :], Zc * a[None, :])
-        Vf = tl.load(v + tok[:, None] * D + o_v[None, :], mask=vt_mask, other=0.0).to(tl.float32)
-        dvv = tl.sum(tl.load(dvv_in + tok[:, None] * M + o_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0), 1)
+    rr = n_sub - 1
+    while rr >= 0:
+        t0 = c_lo + rr * BCC
+        rows = tok0 + (t0 + o_c).to(tl.int64) * H
+        As, Bs = _sub_gates(c_in, ns_in, k, beta, gram, tok0 + t0 * H, o_c, o_k, k_mask, H, M, BCC,
+                            ORTHOGONAL, NORMALIZE, TRACK_NS)
+        P = _seg_prefix(As, 16, False)
+        Vf = tl.load(v + rows[:, None] * D + o_v[None, :], mask=xv_mask, other=0.0).to(tl.float32)
+        dvv = tl.sum(tl.load(dvv_in + rows[:, None] * M + o_k[None, :], mask=xk_mask, other=0.0), 1)
+        BR = _pack_all(_mul_rows(Bs, _seg_suffix(As, 16)))  # b_j prod_{j<l<16} a_l
         acc = tl.dot(BR, tl.trans(g), input_precision=PREC) + 2.0 * Vf * dvv[:, None]
-        g = g * R[None, :]
+        g_new = g * _opaque(P[15][None, :])
         if EXACT:
+            DC = tl.load(dc_in + rows[:, None] * M + o_k[None, :], mask=xk_mask, other=0.0)
+            DCs = _unpack_rows(DC)
+            Mz = _intra(DC, DCs, As, Bs, True, True, PREC)  # [j, t]: sum_i dc_t b_j prod_{j<l<t} a_l
             acc += tl.dot(Mz, Vf, input_precision=PREC)
-            g += tl.dot(tl.trans(Vf), Zc, input_precision=PREC)
+            g_new += tl.dot(tl.trans(Vf), _pack_all(_mul_rows(DCs, _seg_prefix(As, 16, True))), input_precision=PREC)
         for gq in range(G):
-            qtok = qtok0 + gq + rows.to(tl.int64) * HQ
-            Qg = tl.load(q + qtok[:, None] * M + o_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            DOg = tl.load(do + qtok[:, None] * D + o_v[None, :], mask=vt_mask, other=0.0).to(tl.float32)
-            Mb = tl.zeros([BCC, BCC], dtype=tl.float32)
-            Oq = tl.zeros([BCC, BK], dtype=tl.float32)
-            for jj in tl.range(0, BCC):
-                j = BCC - 1 - jj
-                t = t0 + j
-                sel = (o_c == j)[:, None]
-                _, _, _, _, a, b, _ = _token_gates(c_in, ns_in, k, beta, gram, tok0 + t * H, j, o_k, k_mask, t < T,
-                                                   M, BCC, ORTHOGONAL, NORMALIZE, TRACK_NS)
-                Oq = tl.where(sel, Qg, Oq)
-                Mb = tl.where(sel, tl.sum(Oq * b[None, :], 1)[None, :], Mb)
-                Oq = Oq * a[None, :]
+            qrows = qtok0 + gq + (t0 + o_c).to(tl.int64) * HQ
+            Qg = tl.load(q + qrows[:, None] * M + o_k[None, :], mask=xk_mask, other=0.0).to(tl.float32)
+            DOg = tl.load(do + qrows[:, None] * D + o_v[None, :], mask=xv_mask, other=0.0).to(tl.float32)
+            Qs = _unpack_rows(Qg)
+            Mb = _intra(Qg, Qs, As, Bs, False, True, PREC)  # [j, t]: sum_i q_t b_j prod_{j<l<=t} a_l
             acc += tl.dot(Mb, DOg, input_precision=PREC)
-            g += tl.dot(tl.trans(DOg), Oq, input_precision=PREC)
-        p_dv = dv + tok[:, None] * D + o_v[None, :]
-        tl.store(p_dv, tl.load(p_dv, mask=vt_mask, other=0.0) + acc, mask=vt_mask)
-        r -= 1
+            g_new += tl.dot(tl.trans(DOg), _pack_all(_mul_rows(Qs, P)), input_precision=PREC)
+        g = g_new
+        p_dv = dv + rows[:, None] * D + o_v[None, :]
+        tl.store(p_dv, tl.load(p_dv, mask=xv_mask, other=0.0) + acc, mask=xv_mask)
+        rr -= 1
 
 
 def _pow2(x: int) -> int:
@@ -736,6 +845,10 @@ class _Setup:
         self.exact = exact
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
 
+    def read_bv(self) -> int:
+        """Value columns per program of the read pass: all of them up to 128 (m <= 64), else 64."""
+        return min(BV_READ if self.BK <= 64 else 64, self.BD)
+
     def new(self, *shape, dtype=torch.float32, like):
         return torch.empty(*shape, device=like.device, dtype=dtype)
 
@@ -755,9 +868,10 @@ def lattice_fwd(q, k, v, beta, state, setup: _Setup):
         s.H, s.M, s.D, BC, s.CS, s.BM, s.BD, s.exact, PREC=s.prec, **s.flags, num_warps=SCAN_WARPS,
     )
     o = torch.empty(s.B, s.T, s.HQ, s.D, device=q.device, dtype=q.dtype)
-    _chunk_read_kernel[(triton.cdiv(s.D, BV_READ), s.NC, s.B * s.HQ)](
+    bv = s.read_bv()
+    _chunk_read_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.HQ)](
         q, k, v, beta, gram, c, ns, states, o, s.T, s.NC,
-        s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, BV_READ, False, False, PREC=s.prec, **s.flags, num_warps=4,
+        s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, bv, False, False, PREC=s.prec, **s.flags, num_warps=4,
     )
     return o, final, (gram, c, ns, states)
 
@@ -787,14 +901,15 @@ def lattice_bwd(do, d_final, q, k, v, beta, saved, setup: _Setup):
         s.HQ, s.H, s.M, s.D, BC, s.CS, bk, s.BD, PREC=s.prec, **s.flags, num_warps=4,
     )
     dv = s.new(s.B, s.T, s.H, s.D, like=q)
-    grid = (triton.cdiv(s.D, BV_READ), s.NC, s.B * s.H)
-    _chunk_read_kernel[grid](
+    bv = s.read_bv()
+    _chunk_read_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.H)](
         dc, k, v, beta, gram, c, ns, states, dv, s.T, s.NC,
-        s.H, s.H, s.M, s.D, BC, s.CS, s.BK, BV_READ, True, not s.exact, PREC=s.prec, **s.flags, num_warps=4,
+        s.H, s.H, s.M, s.D, BC, s.CS, s.BK, bv, True, not s.exact, PREC=s.prec, **s.flags, num_warps=4,
     )
-    _bwd_dv_kernel[grid](
+    bv = min(BV_DV, s.BD)
+    _bwd_dv_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.H)](
         q, do, k, v, beta, gram, c, ns, dc, dvv, g_end, dv, s.T, s.NC,
-        s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, BV_READ, s.exact, PREC=s.prec, **s.flags, num_warps=4,
+        s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, bv, s.exact, PREC=s.prec, **s.flags, num_warps=4,
     )
     dk = (dgamma * beta.unsqueeze(-1)).to(k.dtype)
     dbeta = (dgamma * k).sum(-1).to(beta.dtype)
