@@ -12,7 +12,7 @@ import io
 import json
 from pathlib import Path
 
-from lattice_plugin.errors import LatticeError
+from lattice_plugin.errors import LatticeError, first_line
 
 HF_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.index.json")
 # config.json key -> litgpt Config field, checked where config.json has the key
@@ -114,8 +114,7 @@ def import_checkpoint(source_dir: Path, work_dir: Path, model_name: str) -> Path
         with contextlib.redirect_stdout(io.StringIO()):  # litgpt prints its arguments; keep the CLI's lines clean
             convert_hf_checkpoint(checkpoint_dir=work_dir, model_name=model_name)
     except Exception as error:  # noqa: BLE001 - any failure of litgpt's converter is a bad input here
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise LatticeError(
-            f"litgpt could not convert the Hugging Face checkpoint {str(source_dir)!r} as {model_name!r}: {message}"
+            f"litgpt could not convert the Hugging Face checkpoint {str(source_dir)!r} as {model_name!r}: {first_line(error)}"
         ) from None
     return work_dir

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from lattice_plugin.errors import LatticeError
+from lattice_plugin.errors import LatticeError, first_line
 
 if TYPE_CHECKING:
     from lattice_plugin.config import LatticeConfig
@@ -71,7 +71,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state_dict = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
-        raise LatticeError(f"cannot read weights from {str(path)!r}: {_first_line(error)}") from None
+        raise LatticeError(f"cannot read weights from {str(path)!r}: {first_line(error)}") from None
     if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
         state_dict = state_dict["model"]
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -126,7 +126,7 @@ def load_config(checkpoint_dir: Path, **overrides: Any) -> "LatticeConfig":
     except LatticeError:
         raise
     except (TypeError, ValueError, AssertionError, OSError, yaml.YAMLError) as error:
-        raise LatticeError(f"cannot read {str(config_file)!r}: {_first_line(error)}") from None
+        raise LatticeError(f"cannot read {str(config_file)!r}: {first_line(error)}") from None
 
 
 def load_model(
@@ -161,12 +161,6 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         problems.append(f"shape of {key} is {tuple(state_dict[key].shape)}, the config needs {expected[key]}")
     if problems:
         raise LatticeError(f"weights in {str(source)!r} do not match model_config.yaml: {'; '.join(problems)}")
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of an error's message (library errors can span many lines; the CLI prints one)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def atomic_write(path: Path, payload: str | bytes) -> None:

@@ -5,6 +5,12 @@ class LatticeError(ValueError):
     """Base class: a user-facing problem with a message that says what to change."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (library errors can span many lines; the CLI prints one)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class LatticeConfigError(LatticeError):
     """An invalid Lattice field in a model config (raised when the config is built).
 

@@ -27,15 +27,6 @@ HYBRID_ARGS = {"llama": ["--layers", "every:2"], "neox": ["--keep-attention", "0
 HYBRID_LAYERS = {"llama": [1, 3], "neox": [1, 2]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and much faster on a busy shared CPU (OpenMP threads spin-wait)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 LATTICE = str(Path(sys.executable).with_name("lattice"))  # the console script of this environment, PATH or not
 

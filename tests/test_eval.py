@@ -24,15 +24,6 @@ from lattice_plugin.evaluation.runner import EvalSettings, run_eval  # noqa: E40
 ARCHITECTURES = {"lattice": "all", "hybrid": "every:2", "transformer": None}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: one intra-op thread is several times faster than two contending ones for these sizes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("eval")

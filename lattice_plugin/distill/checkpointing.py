@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lattice_plugin.checkpoint import atomic_directory, load_state_dict, save_safetensors
-from lattice_plugin.errors import LatticeError
+from lattice_plugin.errors import LatticeError, first_line
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
@@ -152,10 +152,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     try:
         state = torch.load(str(path / STATE_FILE), map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        text = str(error).strip().splitlines()
-        raise LatticeError(
-            f"cannot read {str(path / STATE_FILE)!r} (corrupted checkpoint?): {text[0] if text else type(error).__name__}"
-        ) from None
+        raise LatticeError(f"cannot read {str(path / STATE_FILE)!r} (corrupted checkpoint?): {first_line(error)}") from None
     required = ("format", "stage", "step", "optimizer", "scheduler", "data", "rng", "history")
     if not isinstance(state, dict) or any(key not in state for key in required):
         raise LatticeError(f"{str(path / STATE_FILE)!r} is not a lattice distill training state")

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from litgpt.model import Block
 
-from lattice_plugin.checkpoint import atomic_directory, check_state_dict, find_weights, load_config, load_model, load_state_dict
+from lattice_plugin.checkpoint import atomic_directory, atomic_write, check_state_dict, find_weights, load_config, load_model, load_state_dict
 from lattice_plugin.distill.args import DistillConfig
 from lattice_plugin.distill.checkpointing import (
     final_dir,
+    is_fsdp,
     read_checkpoint,
     save_checkpoint,
     set_rng_state,
@@ -174,18 +175,8 @@ def build_student(stage: int, config: DistillConfig, base_config: Any, weights: 
 
     args = config.stage2
     if stage == 2 and "lora" in args.trainable:
-        lora_config = LoRALatticeConfig(
-            **dataclasses.asdict(base_config),
-            lora_r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            lora_query=args.lora_query,
-            lora_key=args.lora_key,
-            lora_value=args.lora_value,
-            lora_projection=args.lora_projection,
-            lora_mlp=args.lora_mlp,
-            lora_head=args.lora_head,
-        )
+        lora_fields = {key: value for key, value in dataclasses.asdict(args).items() if key.startswith("lora_")}
+        lora_config = LoRALatticeConfig(**dataclasses.asdict(base_config), **lora_fields)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             model = LoRALatticeGPT(lora_config)
@@ -268,7 +259,7 @@ class Stage:
                     f"checkpoint {str(checkpoint)!r} trained {state.get('trainable')!r} parameters; the recipe now says "
                     f"{self.trainable!r}"
                 )
-            if state.get("world_size") != fabric.world_size or state.get("fsdp") != _is_fsdp(fabric):
+            if state.get("world_size") != fabric.world_size or state.get("fsdp") != is_fsdp(fabric):
                 raise LatticeError(
                     f"checkpoint {str(checkpoint)!r} was written by {state.get('world_size')} process(es) "
                     f"(fsdp={state.get('fsdp')}); resume it with the same devices and strategy"
@@ -324,13 +315,13 @@ class Stage:
 
         transfer = None
         if stage == 1:
-            transfer = AttentionTransfer(model, teacher_forcing=args.teacher_forcing, through_outputs=_is_fsdp(fabric))
+            transfer = AttentionTransfer(model, teacher_forcing=args.teacher_forcing, through_outputs=is_fsdp(fabric))
         context = transfer if transfer is not None else nullcontext()
         steady = {"tokens": 0, "seconds": 0.0}
         if fabric.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(fabric.device)
         first_step_this_run = progress["step"]
-        bar = _progress_bar(fabric, self.max_steps, progress["step"], f"stage {stage}")
+        bar = _Bar(fabric, self.max_steps, progress["step"], f"stage {stage}")
         model.train()
         with context, bar:
             while progress["step"] < self.max_steps:
@@ -394,7 +385,7 @@ class Stage:
                         **progress,
                         "trainable": self.trainable,
                         "world_size": fabric.world_size,
-                        "fsdp": _is_fsdp(fabric),
+                        "fsdp": is_fsdp(fabric),
                         "scheduler": scheduler.state_dict(),
                         "data": loader.state_dict() if hasattr(loader, "state_dict") else None,
                         "config": config.to_dict(),
@@ -469,12 +460,6 @@ def peak_memory_per_rank(fabric: Any) -> list[int] | None:
     return [int(x) for x in peak.flatten().tolist()]
 
 
-def _is_fsdp(fabric: Any) -> bool:
-    from lattice_plugin.distill.checkpointing import is_fsdp
-
-    return is_fsdp(fabric)
-
-
 class _Bar:
     """A rich progress bar on rank 0 of an interactive terminal; plain lines otherwise."""
 
@@ -513,15 +498,11 @@ class _Bar:
             print(message, flush=True)
 
 
-def _progress_bar(fabric: Any, total: int, completed: int, title: str) -> _Bar:
-    return _Bar(fabric, total, completed, title)
-
-
 # ------------------------------------------------------------------------------------------------------------ run
 
 
 def run(fabric: Any, config: DistillConfig) -> dict[str, Any] | None:
-    from lattice_plugin.distill.evaluation import cache_bytes_at, decode_speed, heldout_loss
+    from lattice_plugin.distill.evaluation import cache_bytes_at, heldout_loss
 
     started = time.perf_counter()
     out_dir = Path(config.out_dir)
@@ -540,7 +521,7 @@ def run(fabric: Any, config: DistillConfig) -> dict[str, Any] | None:
     fabric.seed_everything(config.seed)
     if fabric.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "distill_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        atomic_write(out_dir / "distill_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     data = prepare_data(fabric, config, seq_len)
 
     teacher = load_model(teacher_dir, device=fabric.device, dtype=teacher_dtype(fabric))
@@ -614,7 +595,7 @@ def run(fabric: Any, config: DistillConfig) -> dict[str, Any] | None:
         if config.eval.decode_tokens:
             report["decode"] = measure_decode(fabric, config, teacher, final, data, seq_len)
         report["wall_seconds"] = time.perf_counter() - started
-        (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        atomic_write(out_dir / REPORT_FILE, json.dumps(report, indent=1) + "\n")
         print_summary(report)
     fabric.barrier()
     return report

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lattice_plugin.checkpoint import atomic_write
-from lattice_plugin.errors import LatticeError
+from lattice_plugin.errors import LatticeError, first_line
 from lattice_plugin.evaluation.data import SUITE_TAG, TaskDataConfig, prepare_tasks, task_names
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def check_task_data(manager, names: list[str]) -> None:
             manager.load([name])
         except Exception as error:  # noqa: BLE001 - any failure to build the task is reported the same way
             needs = _data_requirements(manager, name)
-            cause = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            cause = first_line(error)[:300]
             what = "; ".join(needs[:5]) + (" ..." if len(needs) > 5 else "") if needs else "data that is not here"
             try:
                 import datasets.config
