@@ -67,30 +67,99 @@ def distill_flags(student: Path, teacher: Path, out_dir: Path, corpus: Path, *ex
     ]
 
 
-def sharded_transfer_step(rank: int, world_size: int, port: int, student: str, teacher_forcing: bool, result: str) -> None:
-    """One attention-transfer SGD step of ``student`` sharded with FSDP like ``lattice distill --strategy fsdp`` (the
-    trainer's units, ``through_outputs``), on the CPU over gloo; rank 0 writes the loss after the step to ``result``."""
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _init_gloo(rank: int, world_size: int, port: int) -> None:
     import os
 
     import torch.distributed as dist
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    from lattice_plugin.distill.losses import set_trainable
-    from lattice_plugin.distill.trainer import FSDP_UNITS
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+def _fsdp(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` sharded with the trainer's FSDP units, on the CPU."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from lattice_plugin.distill.trainer import FSDP_UNITS
+
+    return FullyShardedDataParallel(
+        model, auto_wrap_policy=ModuleWrapPolicy(FSDP_UNITS), use_orig_params=True, device_id=torch.device("cpu")
+    )
+
+
+def sharded_transfer_step(rank: int, world_size: int, port: int, student: str, teacher_forcing: bool, result: str) -> None:
+    """One attention-transfer SGD step of ``student`` sharded with FSDP like ``lattice distill --strategy fsdp`` (the
+    trainer's units, ``through_outputs``), on the CPU over gloo; rank 0 writes the loss after the step to ``result``."""
+    import torch.distributed as dist
+
+    from lattice_plugin.distill.losses import set_trainable
+
+    _init_gloo(rank, world_size, port)
     try:
         model, tokens = transfer_setup(Path(student))
         set_trainable(model, "lattice")
-        model = FullyShardedDataParallel(
-            model, auto_wrap_policy=ModuleWrapPolicy(FSDP_UNITS), use_orig_params=True, device_id=torch.device("cpu")
-        )
-        loss = transfer_losses(model, tokens, teacher_forcing, through_outputs=True)
+        loss = transfer_losses(_fsdp(model), tokens, teacher_forcing, through_outputs=True)
         if rank == 0:
             Path(result).write_text(repr(loss))
+    finally:
+        dist.destroy_process_group()
+
+
+class CpuFabric:
+    """What ``heldout_loss`` uses of a Fabric, on the CPU, over the process group when there is one."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, world_size: int = 1) -> None:
+        self.world_size = world_size
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def all_reduce(self, tensor: torch.Tensor, reduce_op: str = "sum") -> torch.Tensor:
+        import torch.distributed as dist
+
+        assert reduce_op == "sum"
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+
+def heldout_batches(student: Path, count: int) -> list[torch.Tensor]:
+    """``count`` held-out batches of different lengths for ``student``'s vocabulary."""
+    vocab = transfer_setup(student)[0].config.vocab_size
+    generator = torch.Generator().manual_seed(2)
+    return [torch.randint(0, vocab, (2, 9 + 3 * i), generator=generator) for i in range(count)]
+
+
+def sharded_heldout_loss(rank: int, world_size: int, port: int, student: str, count: int, result: str) -> None:
+    """``heldout_loss`` of the FSDP-sharded ``student`` with the held-out batches dealt round-robin to the ranks (so
+    the shards differ in length); rank 0 writes the result as JSON to ``result``."""
+    import json
+
+    import torch.distributed as dist
+
+    from lattice_plugin.distill.evaluation import heldout_loss
+
+    _init_gloo(rank, world_size, port)
+    try:
+        model = _fsdp(transfer_setup(Path(student))[0])
+        shard = heldout_batches(Path(student), count)[rank::world_size]
+        metrics = heldout_loss(CpuFabric(world_size), model, shard, None, autocast=False)
+        if rank == 0:
+            Path(result).write_text(json.dumps(metrics))
     finally:
         dist.destroy_process_group()
 

@@ -189,20 +189,33 @@ def test_attention_transfer_under_fsdp_takes_the_same_step(pair, teacher_forcing
     """Under FSDP the layer losses must reach each block through its output, or the backward finds the block's
     weights already freed (what the first 2-GPU FSDP run hit). Two CPU processes over gloo take the step that one
     unsharded process takes."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    from distill_helpers import sharded_transfer_step, transfer_losses, transfer_setup
+    from distill_helpers import free_port, sharded_transfer_step, transfer_losses, transfer_setup
     from lattice_plugin.distill.losses import set_trainable
 
     _, student = pair
     model, tokens = transfer_setup(student)
     set_trainable(model, "lattice")
     reference = transfer_losses(model, tokens, teacher_forcing, through_outputs=False)
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
     result = tmp_path / "loss"
-    mp.spawn(sharded_transfer_step, args=(2, port, str(student), teacher_forcing, str(result)), nprocs=2)
+    mp.spawn(sharded_transfer_step, args=(2, free_port(), str(student), teacher_forcing, str(result)), nprocs=2)
     assert float(result.read_text()) == pytest.approx(reference, rel=1e-5)
+
+
+def test_heldout_loss_scores_every_batch_when_ranks_hold_unequal_shards(pair, tmp_path):
+    """Three FSDP ranks with 2, 1 and 1 of four held-out batches score all four, as one process does (the 4-GPU run
+    scored only the batches every rank had: a perplexity that depended on the GPU count)."""
+    import torch.multiprocessing as mp
+
+    from distill_helpers import CpuFabric, free_port, heldout_batches, sharded_heldout_loss, transfer_setup
+    from lattice_plugin.distill.evaluation import heldout_loss
+
+    _, student = pair
+    reference = heldout_loss(CpuFabric(), transfer_setup(student)[0], heldout_batches(student, 4), None, autocast=False)
+    result = tmp_path / "metrics.json"
+    mp.spawn(sharded_heldout_loss, args=(3, free_port(), str(student), 4, str(result)), nprocs=3)
+    sharded = json.loads(result.read_text())
+    assert sharded["tokens"] == reference["tokens"] == sum(2 * (8 + 3 * i) for i in range(4))
+    assert sharded["batches"] == 2
+    assert sharded["loss"] == pytest.approx(reference["loss"], rel=1e-5)

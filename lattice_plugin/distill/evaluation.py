@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 
 def batch_count(fabric: Any, loader: Any, max_iters: int | None) -> int:
-    """Batches every rank evaluates: the same number on all ranks (FSDP forwards are collective)."""
+    """Forward passes every rank makes: the largest shard's batch count on all ranks (FSDP forwards are collective;
+    ranks whose shard is shorter pad with forwards that are not scored, so every held-out token counts once)."""
     try:
         count = len(loader)
     except TypeError:
@@ -19,22 +20,22 @@ def batch_count(fabric: Any, loader: Any, max_iters: int | None) -> int:
     if max_iters is not None:
         count = min(count, max_iters)
     if fabric.world_size > 1:
-        count = _all_reduce_min(fabric, count)
+        count = _all_reduce_max(fabric, count)
     return count
 
 
-def _all_reduce_min(fabric: Any, value: int) -> int:
+def _all_reduce_max(fabric: Any, value: int) -> int:
     import torch.distributed as dist
 
     tensor = torch.tensor(value, device=fabric.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
 
 
 @torch.no_grad()
 def heldout_loss(fabric: Any, model: Any, loader: Any, max_iters: int | None, autocast: bool = True) -> dict[str, float]:
     """Mean next-token cross-entropy over the first ``max_iters`` batches of every rank (None: all), its perplexity
-    and the number of tokens scored (all ranks)."""
+    and the number of tokens scored (all ranks). The result does not depend on the number of ranks."""
     count = batch_count(fabric, loader, max_iters)
     was_training = model.training
     model.eval()
@@ -42,15 +43,20 @@ def heldout_loss(fabric: Any, model: Any, loader: Any, max_iters: int | None, au
     tokens = torch.zeros((), device=fabric.device, dtype=torch.float64)
     iterator = iter(loader)
     for _ in range(count):
-        batch = next(iterator).to(fabric.device)
+        batch = next(iterator, None)
+        scored = batch is not None
+        if not scored:  # this rank's shard is done: a forward the other ranks' collectives wait for, not scored
+            batch = torch.zeros(1, 2, dtype=torch.long)
+        batch = batch.to(fabric.device)
         inputs, targets = batch[:, :-1].long(), batch[:, 1:].long()
         if autocast:
             with fabric.autocast():
                 logits = model(inputs)
         else:
             logits = model(inputs)
-        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").double()
-        tokens += targets.numel()
+        if scored:
+            total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").double()
+            tokens += targets.numel()
     stats = torch.stack([total, tokens])
     if fabric.world_size > 1:
         stats = fabric.all_reduce(stats, reduce_op="sum")
