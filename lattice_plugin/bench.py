@@ -118,6 +118,14 @@ def bench_sequences(seq_lens, tokens, slots, heads, head_dim, *, rep_ms, chunk_g
     return rows, breakdown
 
 
+DECODE_STEPS = 16  # decode steps per timed call: one step of ~10 us sits near the timer's and the launcher's jitter
+
+
+def _per_step_ms(step, *, rep_ms) -> float:
+    """Median ms of one decode step, timed as ``DECODE_STEPS`` back-to-back steps per call (as in generation)."""
+    return _do_bench(lambda: [step() for _ in range(DECODE_STEPS)], rep_ms=rep_ms) / DECODE_STEPS
+
+
 def bench_decode(contexts, *, batch=8, q_heads=32, kv_heads=8, head_dim=128, slots=(64, 128), rep_ms) -> list:
     """One decode token: the fused Lattice step vs SDPA over a bf16 KV cache, with the cache bytes of each."""
     import torch.nn.functional as F
@@ -129,17 +137,17 @@ def bench_decode(contexts, *, batch=8, q_heads=32, kv_heads=8, head_dim=128, slo
         state = torch.nn.functional.normalize(torch.randn(batch, kv_heads, head_dim, m, device="cuda"), dim=-2)
         q = torch.randn(batch, q_heads, m, device="cuda", dtype=torch.bfloat16)
         k = (torch.rand(batch, kv_heads, m, device="cuda") * 2 - 1).to(torch.bfloat16)
-        v = torch.nn.functional.normalize(torch.randn(batch, kv_heads, head_dim, device="cuda"), dim=-1)
+        v = torch.nn.functional.normalize(torch.randn(batch, kv_heads, head_dim, device="cuda"), dim=-1).bfloat16()
         beta = torch.sigmoid(torch.randn(batch, kv_heads, device="cuda"))
         for ctx in contexts:  # the state's size does not depend on the context: each context is timed anyway
             with torch.no_grad():
-                ms = _do_bench(lambda: lattice_step(q, k, v.bfloat16(), beta, state, inplace=True), rep_ms=rep_ms)
+                ms = _per_step_ms(lambda: lattice_step(q, k, v, beta, state, inplace=True), rep_ms=rep_ms)
             rows.append(dict(method="lattice_step", m=m, context=ctx, ms=ms, cache_bytes=state.numel() * 4))
             print(f"{'lattice_step':>22} m={m:>4} ctx={ctx:>7}  {ms * 1000:8.1f} us", flush=True)
     q = torch.randn(batch, q_heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
     for ctx in contexts:
         kv = torch.randn(2, batch, kv_heads, ctx, head_dim, device="cuda", dtype=torch.bfloat16)
-        ms = _do_bench(lambda: F.scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True), rep_ms=rep_ms)
+        ms = _per_step_ms(lambda: F.scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True), rep_ms=rep_ms)
         rows.append(dict(method="sdpa_kv_cache", m=None, context=ctx, ms=ms, cache_bytes=kv.numel() * 2))
         print(f"{'sdpa_kv_cache':>22}          ctx={ctx:>7}  {ms * 1000:8.1f} us", flush=True)
         del kv
@@ -242,7 +250,7 @@ def run_bench(
         python=platform.python_version(),
         shapes=dict(tokens=tokens, seq_lens=list(seq_lens), slots=list(slots), heads=heads, head_dim=head_dim,
                     dtype="bfloat16", decode=dict(batch=8, q_heads=32, kv_heads=8, head_dim=128)),
-        timing="median of CUDA-event timings (triton.testing.do_bench)",
+        timing=f"median of CUDA-event timings (triton.testing.do_bench); decode: {DECODE_STEPS} steps per timed call",
         sequence=sequence,
         kernel_ms=breakdown,
         decode=decode,
