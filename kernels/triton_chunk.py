@@ -170,6 +170,40 @@ def _unpack_rows(X):
 
 
 @triton.jit
+def _uniform_row(p, N: tl.constexpr):
+    """``N`` (4, 8 or 16) contiguous float32 values as a tuple of ``N`` scalars, every thread holding all of them (for
+    the Gram rows of a sweep, the same for every slot): ``N / 4`` vector loads per thread, nothing crosses lanes.
+    A load of fewer elements than threads may take any layout, so it takes the one the splits need."""
+    x = tl.load(p + tl.arange(0, N))
+    out = ()
+    if N == 16:
+        t = _split_all(_split_all(_split_all(_split_all((tl.reshape(x, [2, 2, 2, 2]),)))))
+        for j in tl.static_range(16):
+            out = out + (t[(j % 2) * 8 + (j // 2 % 2) * 4 + (j // 4 % 2) * 2 + j // 8],)
+    elif N == 8:
+        t = _split_all(_split_all(_split_all((tl.reshape(x, [2, 2, 2]),))))
+        for j in tl.static_range(8):
+            out = out + (t[(j % 2) * 4 + (j // 2 % 2) * 2 + j // 4],)
+    else:
+        t = _split_all(_split_all((tl.reshape(x, [2, 2]),)))
+        for j in tl.static_range(4):
+            out = out + (t[(j % 2) * 2 + j // 2],)
+    return out
+
+
+@triton.jit
+def _row_prefix(p, j: tl.constexpr):
+    """Entries ``l < j`` (and a few more) of a Gram row starting at ``p``: :func:`_uniform_row` of 4, 8 or 16."""
+    if j <= 4:
+        out = _uniform_row(p, 4)
+    elif j <= 8:
+        out = _uniform_row(p, 8)
+    else:
+        out = _uniform_row(p, 16)
+    return out
+
+
+@triton.jit
 def _pack_rows(rows):
     """Inverse of :func:`_unpack_rows`: a ``[16, BM]`` tile from 16 ``[BM]`` vectors (register selects in the
     default tile layout, whose columns sit on lanes like the vectors: no data crosses lanes)."""
@@ -578,21 +612,22 @@ def _bwd_scan_kernel(
             rmask = (o_c < BCC)[:, None] & m_mask[None, :]
             tile = (row0 + o_c * H)[:, None] * M + o_m[None, :]  # [BCC, BM] offsets of the slot rows
             Cs = _unpack_rows(tl.load(c_in + tile, mask=rmask, other=0.0))
-            Ks = _unpack_rows(tl.load(k + tile, mask=rmask, other=0.0).to(tl.float32))
+            # gamma = beta k: one tile product (beta is a column), no per-token scalar loads
+            Gs = _unpack_rows(tl.load(beta + row0 + o_c * H).to(tl.float32)[:, None]
+                              * tl.load(k + tile, mask=rmask, other=0.0).to(tl.float32))
             if TRACK_NS:
                 Ns = _unpack_rows(tl.load(ns_in + tile, mask=rmask, other=1.0))
             p_g = gram + row0 * BCC  # Gram row of token j: p_g + j * H * BCC
-            Gs = ()
+            VVs = ()  # ||v_j||^2, uniform
             As = ()
             Bs = ()
             for j in tl.static_range(BCC):
-                gamma = tl.load(beta + row0 + j * H).to(tl.float32) * Ks[j]
+                VVs = VVs + (tl.load(p_g + j * H * BCC + j),)
                 if TRACK_NS:
                     ns = Ns[j]
                 else:
                     ns = tl.full([BM], 1.0, dtype=tl.float32)
-                a, b, _ = _gates(Cs[j], gamma, tl.load(p_g + j * H * BCC + j), ns, ORTHOGONAL, NORMALIZE)
-                Gs = Gs + (gamma,)
+                a, b, _ = _gates(Cs[j], Gs[j], VVs[j], ns, ORTHOGONAL, NORMALIZE)
                 As = As + (a,)
                 Bs = Bs + (b,)
             # the reads: Qs[g][j] = q_j (query head g), Fs[g][j] = do_j . s_b; the read at the last token is in g
@@ -604,10 +639,10 @@ def _bwd_scan_kernel(
                 qg = _unpack_rows(tl.load(q + (qrow0 + gq + o_c * HQ)[:, None] * M + o_m[None, :], mask=rmask,
                                           other=0.0).to(tl.float32))
                 Qs = Qs + (qg,)
-                p_h = hgram + (qrow0 + gq + (BCC - 1) * HQ) * BCC
+                Hr = _uniform_row(hgram + (qrow0 + gq + (BCC - 1) * HQ) * BCC, BCC)  # do_15 . v_l
                 Un = ()
                 for l in tl.static_range(BCC):
-                    Un = Un + (U[l] + qg[BCC - 1] * tl.load(p_h + l),)
+                    Un = Un + (U[l] + qg[BCC - 1] * Hr[l],)
                 U = Un
                 rho += qg[BCC - 1] * Fs[gq][BCC - 1]
             # prod_{l<j} a_l: the decay from token j back to the sub-chunk start
@@ -637,7 +672,7 @@ def _bwd_scan_kernel(
                     ns = Ns[j]
                 else:
                     ns = tl.full([BM], 1.0, dtype=tl.float32)
-                dc, dgamma, dvv, dns = _gate_grads(Cs[j], Gs[j], tl.load(p_g + j * H * BCC + j), ns, As[j], Bs[j],
+                dc, dgamma, dvv, dns = _gate_grads(Cs[j], Gs[j], VVs[j], ns, As[j], Bs[j],
                                                    x, U[j], dns_new, ORTHOGONAL, NORMALIZE)
                 dc = tl.where(m_mask, dc, 0.0)
                 DC = tl.where(o_r == j, dc[None, :], DC)
@@ -662,16 +697,17 @@ def _bwd_scan_kernel(
                         Un = Un + (As[j] * U[l],)
                     U = Un
                     for gq in tl.static_range(G):
-                        p_h = hgram + (qrow0 + gq + (j - 1) * HQ) * BCC
+                        Hr = _row_prefix(hgram + (qrow0 + gq + (j - 1) * HQ) * BCC, j)  # do_{j-1} . v_l
                         Un = ()
                         for l in tl.static_range(j):
-                            Un = Un + (U[l] + Qs[gq][j - 1] * tl.load(p_h + l),)
+                            Un = Un + (U[l] + Qs[gq][j - 1] * Hr[l],)
                         U = Un
                         rho += Qs[gq][j - 1] * Fs[gq][j - 1]
                     if EXACT:
+                        Gr = _row_prefix(p_g + j * H * BCC, j)  # v_j . v_l
                         Un = ()
                         for l in tl.static_range(j):
-                            Un = Un + (U[l] + dc * tl.load(p_g + j * H * BCC + l),)
+                            Un = Un + (U[l] + dc * Gr[l],)
                         U = Un
                         rho += dc * P[j]
             tl.store(dc_out + tile, DC, mask=rmask)
@@ -679,6 +715,7 @@ def _bwd_scan_kernel(
             tl.store(dvv_out + tile, DV, mask=rmask)
             # gradient before the sub-chunk: g_b = A g + sum_u (prod_{l<=u} a_l) q_u do_u + sum_u (prod_{l<u} a_l) dc_u v_u
             g_new = gE * _opaque(A)[None, :]
+            Vf = tl.load(v + (row0 + o_c * H)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
             for gq in tl.static_range(G):
                 DOg = tl.load(do + (qrow0 + gq + o_c * HQ)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
                 g_new += tl.dot(tl.trans(DOg), QO[gq], input_precision=PREC)
