@@ -611,10 +611,10 @@ def _bwd_scan_kernel(
             # forward gates of the sub-chunk, per thread
             rmask = (o_c < BCC)[:, None] & m_mask[None, :]
             tile = (row0 + o_c * H)[:, None] * M + o_m[None, :]  # [BCC, BM] offsets of the slot rows
-            Cs = _unpack_rows(tl.load(c_in + tile, mask=rmask, other=0.0))
+            Cs = _unpack_rows(_opaque(tl.load(c_in + tile, mask=rmask, other=0.0)))
             # gamma = beta k: one tile product (beta is a column), no per-token scalar loads
-            Gs = _unpack_rows(tl.load(beta + row0 + o_c * H).to(tl.float32)[:, None]
-                              * tl.load(k + tile, mask=rmask, other=0.0).to(tl.float32))
+            Gs = _unpack_rows(_opaque(tl.load(beta + row0 + o_c * H).to(tl.float32)[:, None]
+                                      * tl.load(k + tile, mask=rmask, other=0.0).to(tl.float32)))
             if TRACK_NS:
                 Ns = _unpack_rows(tl.load(ns_in + tile, mask=rmask, other=1.0))
             p_g = gram + row0 * BCC  # Gram row of token j: p_g + j * H * BCC
@@ -636,8 +636,8 @@ def _bwd_scan_kernel(
             for gq in tl.static_range(G):
                 DOg = tl.load(do + (qrow0 + gq + o_c * HQ)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
                 Fs = Fs + (_unpack_rows(tl.dot(DOg, S_b, input_precision=PREC)),)
-                qg = _unpack_rows(tl.load(q + (qrow0 + gq + o_c * HQ)[:, None] * M + o_m[None, :], mask=rmask,
-                                          other=0.0).to(tl.float32))
+                qg = _unpack_rows(_opaque(tl.load(q + (qrow0 + gq + o_c * HQ)[:, None] * M + o_m[None, :], mask=rmask,
+                                                  other=0.0).to(tl.float32)))
                 Qs = Qs + (qg,)
                 Hr = _uniform_row(hgram + (qrow0 + gq + (BCC - 1) * HQ) * BCC, BCC)  # do_15 . v_l
                 Un = ()
