@@ -23,7 +23,8 @@ Layout of the work (timings and the reasoning behind it in bench/NOTES.md):
 - Backward: one sequential reverse sweep per slot block gives ``dc`` (the gradient through the gates' state
   dependence), d gamma and d ||v||^2 per token, and the state gradient at every chunk end. Per sub-chunk each
   thread keeps ``g . v_l`` (16 scalars) and ``g . s_b`` for its slot; ``g_t . s_{t-1}`` is a Horner sum over
-  the forward gates (products only: no logarithms, no division on the sweep).
+  the forward gates (products only: no logarithms, no division on the sweep). The Gram and ``do . v`` rows it
+  needs come as 4-, 8- or 16-wide vector loads split in-thread (:func:`_uniform_row`), not one load per entry.
 - The sweeps walk whole sub-chunks: a ragged ``T`` is padded with identity tokens (``beta = 0``) by the wrapper.
 
 Gate arithmetic and states are float32 whatever the input dtype; matmuls with a float32 operand use tf32 for
@@ -542,7 +543,11 @@ def _bwd_scan_kernel(
     ``rho = g . s_b`` (``g`` the state gradient, ``s_b`` the slot at the sub-chunk start) as scalars; then
     ``g_t . v_t = U[t]`` and ``g_t . s_{t-1} = A_{t-1} rho + sum_{l<t} W_{t-1}[l] U[l]`` (a Horner sum over the
     forward gates, plain products: no logarithms on the sweep). The d-sized products (``V g``, ``V s_b``,
-    ``dO s_b``, the new ``g``) are matmuls once per sub-chunk. ``T`` is a multiple of ``BCC``."""
+    ``dO s_b``, the new ``g``) are matmuls once per sub-chunk. ``T`` is a multiple of ``BCC``.
+
+    Version 5 (bench/NOTES.md): at step ``j`` the rows ``v_j . v_l`` and ``do_{j-1} . v_l`` (``l < j``) are
+    :func:`_row_prefix` vector loads (v4: one scalar load per entry, 311 per sub-chunk); ``gamma`` is one
+    ``beta * k`` tile product; the ``c``, ``gamma`` and ``q`` tiles pass :func:`_opaque` before their unpack."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     G: tl.constexpr = HQ // H
