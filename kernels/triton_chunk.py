@@ -31,6 +31,8 @@ Gate arithmetic and states are float32 whatever the input dtype; matmuls with a 
 16-bit inputs and full float32 ("ieee") for float32 inputs.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -42,6 +44,7 @@ BV_READ = 128  # value columns per program of the read pass (64 when m > 64): th
 BV_DV = 64  # value columns per program of the dv pass
 BK_DQ = 64  # slots per program of the dq pass
 SCAN_WARPS = 2  # warps per program of the sequential sweeps (bench/NOTES.md, versions 3 and 4)
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # no inline PTX (prefetch hints) there
 
 
 @triton.jit
@@ -171,22 +174,32 @@ def _unpack_rows(X):
 
 
 @triton.jit
+def _scalars(x):
+    """A 16-element tensor (a value per token, the same for every slot: ``beta``, a Gram row) as a tuple of 16 scalars
+    that every thread holds: one small layout change, then nothing crosses lanes."""
+    t = _split_all(_split_all(_split_all(_split_all((tl.reshape(x, [2, 2, 2, 2]),)))))
+    out = ()
+    for j in tl.static_range(16):
+        out = out + (t[(j % 2) * 8 + (j // 2 % 2) * 4 + (j // 4 % 2) * 2 + j // 8],)
+    return out
+
+
+@triton.jit
 def _uniform_row(p, N: tl.constexpr):
     """``N`` (4, 8 or 16) contiguous float32 values as a tuple of ``N`` scalars, every thread holding all of them (for
     the Gram rows of a sweep, the same for every slot): ``N / 4`` vector loads per thread, nothing crosses lanes.
     A load of fewer elements than threads may take any layout, so it takes the one the splits need."""
     x = tl.load(p + tl.arange(0, N))
-    out = ()
     if N == 16:
-        t = _split_all(_split_all(_split_all(_split_all((tl.reshape(x, [2, 2, 2, 2]),)))))
-        for j in tl.static_range(16):
-            out = out + (t[(j % 2) * 8 + (j // 2 % 2) * 4 + (j // 4 % 2) * 2 + j // 8],)
+        out = _scalars(x)
     elif N == 8:
         t = _split_all(_split_all(_split_all((tl.reshape(x, [2, 2, 2]),))))
+        out = ()
         for j in tl.static_range(8):
             out = out + (t[(j % 2) * 4 + (j // 2 % 2) * 2 + j // 4],)
     else:
         t = _split_all(_split_all((tl.reshape(x, [2, 2]),)))
+        out = ()
         for j in tl.static_range(4):
             out = out + (t[(j % 2) * 2 + j // 2],)
     return out
@@ -202,6 +215,59 @@ def _row_prefix(p, j: tl.constexpr):
     else:
         out = _uniform_row(p, 16)
     return out
+
+
+@triton.jit
+def _row_suffix(p, j: tl.constexpr):
+    """Entries ``u >= j`` of a 16-float Gram row at ``p`` as a 16-tuple of uniform scalars, loaded from the aligned
+    group of 4 that holds ``j`` on (the entries before that group are zeros and never read)."""
+    if j < 4:
+        out = _uniform_row(p, 16)
+    elif j < 8:
+        out = (0.0, 0.0, 0.0, 0.0) + _uniform_row(p + 4, 4) + _uniform_row(p + 8, 8)
+    elif j < 12:
+        out = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0) + _uniform_row(p + 8, 8)
+    else:
+        out = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0) + _uniform_row(p + 12, 4)
+    return out
+
+
+@triton.jit
+def _prefetch(p, ROW: tl.constexpr):
+    """Ask for the rows of ``ROW`` elements starting at the ``[16]`` pointers ``p`` to be brought into L1: a hint that
+    nothing waits for, issued a sub-chunk ahead so that the loads at the point of use hit. No-op under the
+    interpreter (no inline PTX there)."""
+    if not _INTERPRET:
+        EPL: tl.constexpr = 1024 // p.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+        if ROW <= EPL:
+            lines = p[:, None] + tl.arange(0, 1)[None, :]
+        elif ROW <= 2 * EPL:
+            lines = p[:, None] + tl.minimum(tl.arange(0, 2) * EPL, ROW - 1)[None, :]
+        elif ROW <= 4 * EPL:
+            lines = p[:, None] + tl.minimum(tl.arange(0, 4) * EPL, ROW - 1)[None, :]
+        else:
+            lines = p[:, None] + tl.minimum(tl.arange(0, 8) * EPL, ROW - 1)[None, :]
+        tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_sub(q, do, k, v, beta, gram, hgram, c_in, row, qrow, o_c, i_m, HQ: tl.constexpr, H: tl.constexpr,
+                  M: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BCC: tl.constexpr):
+    """:func:`_prefetch` of everything the reverse sweep reads for the sub-chunk whose first token is at row ``row``
+    (kv-head tensors) and ``qrow`` (query-head tensors): its replay (V, c, k, beta, Gram) and its sweep (q, do,
+    do . v)."""
+    rows = row + o_c * H
+    _prefetch(v + rows * D, D)
+    _prefetch(c_in + rows * M + i_m * BM, BM)
+    _prefetch(k + rows * M + i_m * BM, BM)
+    _prefetch(beta + rows, 1)
+    _prefetch(gram + rows * BCC, BCC)
+    for gq in tl.static_range(HQ // H):
+        qrows = qrow + gq + o_c * HQ
+        _prefetch(q + qrows * M + i_m * BM, BM)
+        _prefetch(do + qrows * D, D)
+        _prefetch(hgram + qrows * BCC, BCC)
 
 
 @triton.jit
@@ -252,8 +318,12 @@ def _fwd_scan_kernel(
 
     Per sub-chunk: ``P = V S`` (a matmul) unpacked into one ``[BM]`` vector per token, then a fully unrolled
     16-token sweep in which every thread updates only its own slots' scalars (nothing crosses lanes on the
-    dependent chain; the sub-chunk's Gram entries are uniform scalar loads), then ``S <- S diag(A) + V^T W``
-    (a matmul). ``T`` is a multiple of ``BCC`` (the wrapper pads with identity tokens)."""
+    dependent chain; each token's Gram row is a few uniform vector loads), then ``S <- S diag(A) + V^T W``
+    (a matmul). ``T`` is a multiple of ``BCC`` (the wrapper pads with identity tokens).
+
+    With 64 programs (B=1) the sweep is latency-bound, so nothing waits on memory if it can be avoided: the V, k and
+    beta tiles of sub-chunk i+1 are loaded during sub-chunk i, and its Gram rows are prefetched into L1
+    (bench/NOTES.md, version 6)."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_m = i_m * BM + tl.arange(0, BM)
@@ -272,6 +342,11 @@ def _fwd_scan_kernel(
     tok0 = i_b.to(tl.int64) * T * H + i_h  # row of token t of this head in (B, T, H, .) tensors: tok0 + t * H
     p_sc = scratch + (i_bh * tl.num_programs(0) + i_m).to(tl.int64) * BD * BM + o_d[:, None] * BM + tl.arange(0, BM)[None, :]
     vd_mask = (o_c < BCC)[:, None] & d_mask[None, :]
+    rmask = (o_c < BCC)[:, None] & m_mask[None, :]
+    # the V, k and beta tiles of the next sub-chunk load while this one sweeps (first ones here)
+    Vn = tl.load(v + (tok0 + o_c * H)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0)
+    Kn = tl.load(k + (tok0 + o_c * H)[:, None] * M + o_m[None, :], mask=rmask, other=0.0)
+    Bn = tl.load(beta + tok0 + o_c * H)
     t0 = 0
     while t0 < T:  # while, not range: the interpreter cannot take run-time range bounds
         if t0 % CS == 0:
@@ -286,27 +361,36 @@ def _fwd_scan_kernel(
                 tl.debug_barrier()
                 ns_c = ns
         row0 = tok0 + t0 * H  # this sub-chunk's first token; token j is row0 + j * H
-        Vf = tl.load(v + (row0 + o_c * H)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
+        Vraw = Vn
+        Kraw = Kn
+        Braw = Bn
+        nxt = t0 + BCC < T
+        row1 = row0 + BCC * H
+        Vn = tl.load(v + (row1 + o_c * H)[:, None] * D + o_d[None, :], mask=vd_mask & nxt, other=0.0)
+        Kn = tl.load(k + (row1 + o_c * H)[:, None] * M + o_m[None, :], mask=rmask & nxt, other=0.0)
+        Bn = tl.load(beta + row1 + o_c * H, mask=(o_c < BCC) & nxt, other=0.0)
+        _prefetch(gram + (tl.where(nxt, row1, row0) + o_c * H) * BCC, BCC)  # the next sub-chunk's Gram rows
+        Vf = Vraw.to(tl.float32)
         if EXACT:
             Y = _unpack_rows(tl.dot(Vf, S, input_precision=PREC))
         else:
             Y = _unpack_rows(tl.dot(Vf, tl.load(p_sc), input_precision=PREC))
-        rmask = (o_c < BCC)[:, None] & m_mask[None, :]
+        Ks = _unpack_rows(Kraw.to(tl.float32))
+        Bsc = _scalars(Braw.to(tl.float32))
         tile = (row0 + o_c * H)[:, None] * M + o_m[None, :]  # [BCC, BM] offsets of this sub-chunk's slot rows
-        Ks = _unpack_rows(tl.load(k + tile, mask=rmask, other=0.0).to(tl.float32))
         p_g = gram + row0 * BCC  # Gram row of token j: p_g + j * H * BCC
         Cs = ()
         NSs = ()
         As = ()
         Bs = ()
         for j in tl.static_range(BCC):
-            gamma = tl.load(beta + row0 + j * H).to(tl.float32) * Ks[j]
+            G = _row_suffix(p_g + j * H * BCC, j)  # v_j . v_u for u >= j (the Gram matrix is symmetric)
             c = Y[j]
             if EXACT:
                 nsu = ns
             else:
                 nsu = ns_c
-            a, b, ns_new = _gates(c, gamma, tl.load(p_g + j * H * BCC + j), nsu, ORTHOGONAL, NORMALIZE)
+            a, b, ns_new = _gates(c, Bsc[j] * Ks[j], G[j], nsu, ORTHOGONAL, NORMALIZE)
             Cs = Cs + (c,)
             NSs = NSs + (nsu,)
             if EXACT:
@@ -316,7 +400,7 @@ def _fwd_scan_kernel(
                     if u <= j:
                         Yn = Yn + (Y[u],)
                     else:  # c_u = s_{u-1} . v_u: the rows of later tokens follow the slots' update
-                        Yn = Yn + (a * Y[u] + b * tl.load(p_g + u * H * BCC + j),)
+                        Yn = Yn + (a * Y[u] + b * G[u],)
                 Y = Yn
             As = As + (a,)
             Bs = Bs + (b,)
@@ -578,6 +662,9 @@ def _bwd_scan_kernel(
         r = 0
         while r < n_sub:
             tl.store(p_sc + r * BD * BM, S)
+            t1 = c_lo + tl.minimum(r + 1, n_sub - 1) * BCC  # the next sub-chunk: replay, then the sweep's first
+            _prefetch_sub(q, do, k, v, beta, gram, hgram, c_in, tok0 + t1 * H, qtok0 + t1 * HQ, o_c, i_m,
+                          HQ, H, M, D, BM, BCC)
             rows = c_lo + r * BCC + o_c
             t_mask = rows < T
             tok = tok0 + rows.to(tl.int64) * H
@@ -607,6 +694,10 @@ def _bwd_scan_kernel(
             t0 = c_lo + r * BCC
             row0 = tok0 + t0 * H  # token j of the sub-chunk: row0 + j * H (kv-head tensors)
             qrow0 = qtok0 + t0 * HQ  # query head g of token j: qrow0 + g + j * HQ
+            # the next sub-chunk to be read: r - 1 of this chunk, else the first replayed one of the chunk before
+            t1 = tl.where(r > 0, t0 - BCC, tl.maximum(c_lo - CS, 0))
+            _prefetch_sub(q, do, k, v, beta, gram, hgram, c_in, tok0 + t1 * H, qtok0 + t1 * HQ, o_c, i_m,
+                          HQ, H, M, D, BM, BCC)
             S_b = tl.load(p_sc + r * BD * BM)
             Vf = tl.load(v + (row0 + o_c * H)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
             U = _unpack_rows(tl.dot(Vf, gE, input_precision=PREC))  # U[l] = g . v_l
