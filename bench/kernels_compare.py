@@ -5,7 +5,7 @@ twice), compared with the first copy on the timed inputs, and profiled per kerne
 KCMP_VERSIONS lists the copies as ``name=path`` pairs separated by commas; a path may end with ``:ATTR=VALUE;...``
 to set module attributes of that copy (e.g. ``v6_scan4=k.py:SCAN_WARPS=4``; the same path twice is one build).
 The first copy is the baseline of the agreement check. KCMP_CHECK (comma-separated names, default all) picks the
-copies checked against the float64 reference (``-``: none). KCMP_BUDGET_S: skip chunk_gla (KCMP_GLA=1) past this wall time.
+copies checked against the float64 reference (``-``: none), KCMP_CASES (indices into CASES) the cases. KCMP_BUDGET_S: skip chunk_gla (KCMP_GLA=1) past this wall time.
 
 Correctness: fresh random inputs; outputs, final state and the gradients of q, k, v, beta and s0 / initial_state;
 relative error <= 1e-4 (float32) and <= 2e-2 (bfloat16). Timings: CUDA-event medians (triton.testing.do_bench) of
@@ -41,6 +41,8 @@ CASES = [  # name, B, T, Hq, H, m, d, dtype, gates, orthogonal, normalize, per-b
     ("fp32 chunk gates, ragged T", 1, 1000, 4, 2, 64, 128, "float32", "chunk", True, True, True),
     ("fp32 no retraction, ragged, m=48 d=80", 1, 1001, 2, 2, 48, 80, "float32", "exact", True, False, False),
 ]
+if os.environ.get("KCMP_CASES"):  # a subset of the cases, by index
+    CASES = [CASES[int(i)] for i in os.environ["KCMP_CASES"].split(",")]
 SHAPES = [(16, 2048), (1, 32768)]
 HEADS, M, D = 16, 64, 128
 if DRY:
