@@ -9,7 +9,7 @@ Layout of the work (timings and the reasoning behind it in bench/NOTES.md):
   the state at every chunk start.
 - The sweeps are fully unrolled and run on per-thread scalars: every ``[BC, BM]`` tile a matmul produces or a
   load brings is unpacked once (:func:`_unpack_rows`) into one ``[BM]`` vector per token, one slot per lane, so
-  the dependent chain never crosses lanes; the sub-chunk's Gram entries are uniform scalar loads. Results go
+  the dependent chain never crosses lanes; the sub-chunk's Gram rows are uniform vector loads. Results go
   back to tiles by register selects (:func:`_pack_rows`). Keeping the layout compiler from re-deriving these
   vectors in the matmuls' layouts (which would repeat the whole sweep per layout) is why tiles only enter the
   sweep through :func:`_unpack_rows` and scalars leave it through :func:`_opaque`.
@@ -25,6 +25,8 @@ Layout of the work (timings and the reasoning behind it in bench/NOTES.md):
   thread keeps ``g . v_l`` (16 scalars) and ``g . s_b`` for its slot; ``g_t . s_{t-1}`` is a Horner sum over
   the forward gates (products only: no logarithms, no division on the sweep). The Gram and ``do . v`` rows it
   needs come as 4-, 8- or 16-wide vector loads split in-thread (:func:`_uniform_row`), not one load per entry.
+- The sweeps are latency-bound at small batch: whatever the next sub-chunk reads is prefetched into L1 while the
+  current one runs (:func:`_prefetch`; the forward sweep also carries its next V, k and beta tiles in registers).
 - The sweeps walk whole sub-chunks: a ragged ``T`` is padded with identity tokens (``beta = 0``) by the wrapper.
 
 Gate arithmetic and states are float32 whatever the input dtype; matmuls with a float32 operand use tf32 for
@@ -43,7 +45,9 @@ BM_SCAN = 16  # slots per program of the sequential sweeps
 BV_READ = 128  # value columns per program of the read pass (64 when m > 64): the gates are computed per program
 BV_DV = 64  # value columns per program of the dv pass
 BK_DQ = 64  # slots per program of the dq pass
-SCAN_WARPS = 2  # warps per program of the sequential sweeps (bench/NOTES.md, versions 3 and 4)
+FWD_SCAN_WARPS = 1  # warps per forward-sweep program, 16-bit inputs (bench/NOTES.md, version 6; float32 inputs: their
+# full-precision matmuls spill ~1 KB at 1 warp, none at SCAN_WARPS)
+SCAN_WARPS = 2  # warps per program of the reverse sweep (bench/NOTES.md, versions 3 and 4; 1 warp not measured)
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # no inline PTX (prefetch hints) there
 
 
@@ -321,9 +325,11 @@ def _fwd_scan_kernel(
     dependent chain; each token's Gram row is a few uniform vector loads), then ``S <- S diag(A) + V^T W``
     (a matmul). ``T`` is a multiple of ``BCC`` (the wrapper pads with identity tokens).
 
-    With 64 programs (B=1) the sweep is latency-bound, so nothing waits on memory if it can be avoided: the V, k and
-    beta tiles of sub-chunk i+1 are loaded during sub-chunk i, and its Gram rows are prefetched into L1
-    (bench/NOTES.md, version 6)."""
+    With 64 programs (B=1) the sweep is latency-bound. For 16-bit inputs it runs at one warp (FWD_SCAN_WARPS): the
+    layout changes then need no barrier between warps (9 instead of 25 per sub-chunk): 1.7x faster than v5 (two
+    warps) at B=1 and 2.4x at B=16 (bench/NOTES.md, version 6). The V, k and beta tiles of sub-chunk i+1 are loaded during
+    sub-chunk i and its Gram rows prefetched into L1: at two warps that gained nothing (the loads were not the
+    cost), and the one-warp timing was taken with it."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_m = i_m * BM + tl.arange(0, BM)
@@ -631,7 +637,9 @@ def _bwd_scan_kernel(
 
     Version 5 (bench/NOTES.md): at step ``j`` the rows ``v_j . v_l`` and ``do_{j-1} . v_l`` (``l < j``) are
     :func:`_row_prefix` vector loads (v4: one scalar load per entry, 311 per sub-chunk); ``gamma`` is one
-    ``beta * k`` tile product; the ``c``, ``gamma`` and ``q`` tiles pass :func:`_opaque` before their unpack."""
+    ``beta * k`` tile product; the ``c``, ``gamma`` and ``q`` tiles pass :func:`_opaque` before their unpack.
+    Version 6: every tile of the next sub-chunk read (replay or sweep) is prefetched into L1 (:func:`_prefetch_sub`),
+    27.2 -> 21.9 ms at B=1, T=32768 on an H100."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     G: tl.constexpr = HQ // H
@@ -998,7 +1006,8 @@ def lattice_fwd(q, k, v, beta, state, setup: _Setup):
     scratch = s.new(s.B * s.H * n_mb * s.BD * s.BM, like=q) if not s.exact else c
     _fwd_scan_kernel[(n_mb, s.B * s.H)](
         k, v, beta, state, gram, c, ns, states, final, scratch, s.T, s.NC,
-        s.H, s.M, s.D, BC, s.CS, s.BM, s.BD, s.exact, PREC=s.prec, **s.flags, num_warps=SCAN_WARPS,
+        s.H, s.M, s.D, BC, s.CS, s.BM, s.BD, s.exact, PREC=s.prec, **s.flags,
+        num_warps=FWD_SCAN_WARPS if s.prec == "tf32" else SCAN_WARPS,
     )
     o = torch.empty(s.B, s.T, s.HQ, s.D, device=q.device, dtype=q.dtype)
     bv = s.read_bv()
