@@ -5,7 +5,8 @@ twice), compared with the first copy on the timed inputs, and profiled per kerne
 KCMP_VERSIONS lists the copies as ``name=path`` pairs separated by commas; a path may end with ``:ATTR=VALUE;...``
 to set module attributes of that copy (e.g. ``v6_scan4=k.py:SCAN_WARPS=4``; the same path twice is one build).
 The first copy is the baseline of the agreement check. KCMP_CHECK (comma-separated names, default all) picks the
-copies checked against the float64 reference (``-``: none), KCMP_CASES (indices into CASES) the cases. KCMP_BUDGET_S: skip chunk_gla (KCMP_GLA=1) past this wall time.
+copies checked against the float64 reference (``-``: none), KCMP_CASES (indices into CASES) the cases.
+KCMP_BUDGET_S: skip chunk_gla (KCMP_GLA=1) past this wall time.
 
 Correctness: fresh random inputs; outputs, final state and the gradients of q, k, v, beta and s0 / initial_state;
 relative error <= 1e-4 (float32) and <= 2e-2 (bfloat16). Timings: CUDA-event medians (triton.testing.do_bench) of
@@ -285,7 +286,8 @@ def main() -> None:
     for r in report.get("timings", []):
         print(f"{r['version']:>10} {r['B']:>3} {r['T']:>6} {r['fwd_ms']:8.3f} {r['fwd_bwd_ms']:10.3f}")
     for c in report["correctness"]:
-        print(c.get("version"), c.get("case"), "ok" if c.get("ok") else "FAIL", f"worst {c.get('worst', float('nan')):.2e}")
+        worst = c.get("worst", float("nan"))
+        print(c.get("version"), c.get("case"), "ok" if c.get("ok") else "FAIL", f"worst {worst:.2e}")
     print(f"done in {report['wall_s']}s", flush=True)
 
 

@@ -45,8 +45,9 @@ BM_SCAN = 16  # slots per program of the sequential sweeps
 BV_READ = 128  # value columns per program of the read pass (64 when m > 64): the gates are computed per program
 BV_DV = 64  # value columns per program of the dv pass
 BK_DQ = 64  # slots per program of the dq pass
-FWD_SCAN_WARPS = 1  # warps per forward-sweep program, 16-bit inputs (bench/NOTES.md, version 6; float32 inputs: their
-# full-precision matmuls spill ~1 KB at 1 warp, none at SCAN_WARPS)
+# warps per forward-sweep program for 16-bit inputs (bench/NOTES.md, version 6); float32 inputs use SCAN_WARPS:
+# their full-precision matmuls spill ~1 KB at 1 warp, none at 2
+FWD_SCAN_WARPS = 1
 SCAN_WARPS = 2  # warps per program of the reverse sweep (bench/NOTES.md, versions 3 and 4; 1 warp not measured)
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # no inline PTX (prefetch hints) there
 
@@ -327,9 +328,9 @@ def _fwd_scan_kernel(
 
     With 64 programs (B=1) the sweep is latency-bound. For 16-bit inputs it runs at one warp (FWD_SCAN_WARPS): the
     layout changes then need no barrier between warps (9 instead of 25 per sub-chunk): 1.7x faster than v5 (two
-    warps) at B=1 and 2.4x at B=16 (bench/NOTES.md, version 6). The V, k and beta tiles of sub-chunk i+1 are loaded during
-    sub-chunk i and its Gram rows prefetched into L1: at two warps that gained nothing (the loads were not the
-    cost), and the one-warp timing was taken with it."""
+    warps) at B=1 and 2.4x at B=16 (bench/NOTES.md, version 6). The V, k and beta tiles of sub-chunk i+1 are
+    loaded during sub-chunk i and its Gram rows prefetched into L1: at two warps that gained nothing (the loads
+    were not the cost), and the one-warp timing was taken with it."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_m = i_m * BM + tl.arange(0, BM)
