@@ -152,7 +152,7 @@ def scan_warps() -> list:
     from lattice_plugin.ops import lattice_attention
 
     rows = []
-    default = tc.SCAN_WARPS
+    default = tc.FWD_SCAN_WARPS, tc.SCAN_WARPS
     for B, T in ((16, 2048), (1, 32768)):
         inputs = lattice_inputs(B, T, 16, 16, 64, 128, requires_grad=True)
         grad = torch.randn(B, T, 16, 128, device="cuda", dtype=torch.bfloat16)
@@ -161,14 +161,14 @@ def scan_warps() -> list:
             return torch.autograd.grad(lattice_attention(*inputs, backend="triton")[0], inputs, grad)
 
         for warps in (1, 2, 4):
-            tc.SCAN_WARPS = warps
+            tc.FWD_SCAN_WARPS = tc.SCAN_WARPS = warps
             with torch.no_grad():
                 fwd = do_bench(lambda: lattice_attention(*inputs, backend="triton"), warmup=10, rep=100,
                                return_mode="median")
             rows.append(dict(B=B, T=T, m=64, warps=warps, fwd_ms=fwd,
                              fwd_bwd_ms=do_bench(train, warmup=10, rep=100, return_mode="median")))
             print(rows[-1], flush=True)
-    tc.SCAN_WARPS = default
+    tc.FWD_SCAN_WARPS, tc.SCAN_WARPS = default
     return rows
 
 

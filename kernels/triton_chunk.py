@@ -9,7 +9,7 @@ Layout of the work (timings and the reasoning behind it in bench/NOTES.md):
   the state at every chunk start.
 - The sweeps are fully unrolled and run on per-thread scalars: every ``[BC, BM]`` tile a matmul produces or a
   load brings is unpacked once (:func:`_unpack_rows`) into one ``[BM]`` vector per token, one slot per lane, so
-  the dependent chain never crosses lanes; the sub-chunk's Gram entries are uniform scalar loads. Results go
+  the dependent chain never crosses lanes; the sub-chunk's Gram rows are uniform vector loads. Results go
   back to tiles by register selects (:func:`_pack_rows`). Keeping the layout compiler from re-deriving these
   vectors in the matmuls' layouts (which would repeat the whole sweep per layout) is why tiles only enter the
   sweep through :func:`_unpack_rows` and scalars leave it through :func:`_opaque`.
@@ -23,12 +23,17 @@ Layout of the work (timings and the reasoning behind it in bench/NOTES.md):
 - Backward: one sequential reverse sweep per slot block gives ``dc`` (the gradient through the gates' state
   dependence), d gamma and d ||v||^2 per token, and the state gradient at every chunk end. Per sub-chunk each
   thread keeps ``g . v_l`` (16 scalars) and ``g . s_b`` for its slot; ``g_t . s_{t-1}`` is a Horner sum over
-  the forward gates (products only: no logarithms, no division on the sweep).
+  the forward gates (products only: no logarithms, no division on the sweep). The Gram and ``do . v`` rows it
+  needs come as 4-, 8- or 16-wide vector loads split in-thread (:func:`_uniform_row`), not one load per entry.
+- The sweeps are latency-bound at small batch: whatever the next sub-chunk reads is prefetched into L1 while the
+  current one runs (:func:`_prefetch`; the forward sweep also carries its next V, k and beta tiles in registers).
 - The sweeps walk whole sub-chunks: a ragged ``T`` is padded with identity tokens (``beta = 0``) by the wrapper.
 
 Gate arithmetic and states are float32 whatever the input dtype; matmuls with a float32 operand use tf32 for
 16-bit inputs and full float32 ("ieee") for float32 inputs.
 """
+
+import os
 
 import torch
 import triton
@@ -40,7 +45,11 @@ BM_SCAN = 16  # slots per program of the sequential sweeps
 BV_READ = 128  # value columns per program of the read pass (64 when m > 64): the gates are computed per program
 BV_DV = 64  # value columns per program of the dv pass
 BK_DQ = 64  # slots per program of the dq pass
-SCAN_WARPS = 2  # warps per program of the sequential sweeps (bench/NOTES.md, versions 3 and 4)
+# warps per forward-sweep program for 16-bit inputs (bench/NOTES.md, version 6); float32 inputs use SCAN_WARPS:
+# their full-precision matmuls spill ~1 KB at 1 warp, none at 2
+FWD_SCAN_WARPS = 1
+SCAN_WARPS = 2  # warps per program of the reverse sweep (bench/NOTES.md, versions 3 and 4; 1 warp not measured)
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # no inline PTX (prefetch hints) there
 
 
 @triton.jit
@@ -170,6 +179,103 @@ def _unpack_rows(X):
 
 
 @triton.jit
+def _scalars(x):
+    """A 16-element tensor (a value per token, the same for every slot: ``beta``, a Gram row) as a tuple of 16 scalars
+    that every thread holds: one small layout change, then nothing crosses lanes."""
+    t = _split_all(_split_all(_split_all(_split_all((tl.reshape(x, [2, 2, 2, 2]),)))))
+    out = ()
+    for j in tl.static_range(16):
+        out = out + (t[(j % 2) * 8 + (j // 2 % 2) * 4 + (j // 4 % 2) * 2 + j // 8],)
+    return out
+
+
+@triton.jit
+def _uniform_row(p, N: tl.constexpr):
+    """``N`` (4, 8 or 16) contiguous float32 values as a tuple of ``N`` scalars, every thread holding all of them (for
+    the Gram rows of a sweep, the same for every slot): ``N / 4`` vector loads per thread, nothing crosses lanes.
+    A load of fewer elements than threads may take any layout, so it takes the one the splits need."""
+    x = tl.load(p + tl.arange(0, N))
+    if N == 16:
+        out = _scalars(x)
+    elif N == 8:
+        t = _split_all(_split_all(_split_all((tl.reshape(x, [2, 2, 2]),))))
+        out = ()
+        for j in tl.static_range(8):
+            out = out + (t[(j % 2) * 4 + (j // 2 % 2) * 2 + j // 4],)
+    else:
+        t = _split_all(_split_all((tl.reshape(x, [2, 2]),)))
+        out = ()
+        for j in tl.static_range(4):
+            out = out + (t[(j % 2) * 2 + j // 2],)
+    return out
+
+
+@triton.jit
+def _row_prefix(p, j: tl.constexpr):
+    """Entries ``l < j`` (and a few more) of a Gram row starting at ``p``: :func:`_uniform_row` of 4, 8 or 16."""
+    if j <= 4:
+        out = _uniform_row(p, 4)
+    elif j <= 8:
+        out = _uniform_row(p, 8)
+    else:
+        out = _uniform_row(p, 16)
+    return out
+
+
+@triton.jit
+def _row_suffix(p, j: tl.constexpr):
+    """Entries ``u >= j`` of a 16-float Gram row at ``p`` as a 16-tuple of uniform scalars, loaded from the aligned
+    group of 4 that holds ``j`` on (the entries before that group are zeros and never read)."""
+    if j < 4:
+        out = _uniform_row(p, 16)
+    elif j < 8:
+        out = (0.0, 0.0, 0.0, 0.0) + _uniform_row(p + 4, 4) + _uniform_row(p + 8, 8)
+    elif j < 12:
+        out = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0) + _uniform_row(p + 8, 8)
+    else:
+        out = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0) + _uniform_row(p + 12, 4)
+    return out
+
+
+@triton.jit
+def _prefetch(p, ROW: tl.constexpr):
+    """Ask for the rows of ``ROW`` elements starting at the ``[16]`` pointers ``p`` to be brought into L1: a hint that
+    nothing waits for, issued a sub-chunk ahead so that the loads at the point of use hit. No-op under the
+    interpreter (no inline PTX there)."""
+    if not _INTERPRET:
+        EPL: tl.constexpr = 1024 // p.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+        if ROW <= EPL:
+            lines = p[:, None] + tl.arange(0, 1)[None, :]
+        elif ROW <= 2 * EPL:
+            lines = p[:, None] + tl.minimum(tl.arange(0, 2) * EPL, ROW - 1)[None, :]
+        elif ROW <= 4 * EPL:
+            lines = p[:, None] + tl.minimum(tl.arange(0, 4) * EPL, ROW - 1)[None, :]
+        else:
+            lines = p[:, None] + tl.minimum(tl.arange(0, 8) * EPL, ROW - 1)[None, :]
+        tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_sub(q, do, k, v, beta, gram, hgram, c_in, row, qrow, o_c, i_m, HQ: tl.constexpr, H: tl.constexpr,
+                  M: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BCC: tl.constexpr):
+    """:func:`_prefetch` of everything the reverse sweep reads for the sub-chunk whose first token is at row ``row``
+    (kv-head tensors) and ``qrow`` (query-head tensors): its replay (V, c, k, beta, Gram) and its sweep (q, do,
+    do . v)."""
+    rows = row + o_c * H
+    _prefetch(v + rows * D, D)
+    _prefetch(c_in + rows * M + i_m * BM, BM)
+    _prefetch(k + rows * M + i_m * BM, BM)
+    _prefetch(beta + rows, 1)
+    _prefetch(gram + rows * BCC, BCC)
+    for gq in tl.static_range(HQ // H):
+        qrows = qrow + gq + o_c * HQ
+        _prefetch(q + qrows * M + i_m * BM, BM)
+        _prefetch(do + qrows * D, D)
+        _prefetch(hgram + qrows * BCC, BCC)
+
+
+@triton.jit
 def _pack_rows(rows):
     """Inverse of :func:`_unpack_rows`: a ``[16, BM]`` tile from 16 ``[BM]`` vectors (register selects in the
     default tile layout, whose columns sit on lanes like the vectors: no data crosses lanes)."""
@@ -217,8 +323,14 @@ def _fwd_scan_kernel(
 
     Per sub-chunk: ``P = V S`` (a matmul) unpacked into one ``[BM]`` vector per token, then a fully unrolled
     16-token sweep in which every thread updates only its own slots' scalars (nothing crosses lanes on the
-    dependent chain; the sub-chunk's Gram entries are uniform scalar loads), then ``S <- S diag(A) + V^T W``
-    (a matmul). ``T`` is a multiple of ``BCC`` (the wrapper pads with identity tokens)."""
+    dependent chain; each token's Gram row is a few uniform vector loads), then ``S <- S diag(A) + V^T W``
+    (a matmul). ``T`` is a multiple of ``BCC`` (the wrapper pads with identity tokens).
+
+    With 64 programs (B=1) the sweep is latency-bound. For 16-bit inputs it runs at one warp (FWD_SCAN_WARPS): the
+    layout changes then need no barrier between warps (9 instead of 25 per sub-chunk): 1.7x faster than v5 (two
+    warps) at B=1 and 2.4x at B=16 (bench/NOTES.md, version 6). The V, k and beta tiles of sub-chunk i+1 are
+    loaded during sub-chunk i and its Gram rows prefetched into L1: at two warps that gained nothing (the loads
+    were not the cost), and the one-warp timing was taken with it."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_m = i_m * BM + tl.arange(0, BM)
@@ -237,6 +349,11 @@ def _fwd_scan_kernel(
     tok0 = i_b.to(tl.int64) * T * H + i_h  # row of token t of this head in (B, T, H, .) tensors: tok0 + t * H
     p_sc = scratch + (i_bh * tl.num_programs(0) + i_m).to(tl.int64) * BD * BM + o_d[:, None] * BM + tl.arange(0, BM)[None, :]
     vd_mask = (o_c < BCC)[:, None] & d_mask[None, :]
+    rmask = (o_c < BCC)[:, None] & m_mask[None, :]
+    # the V, k and beta tiles of the next sub-chunk load while this one sweeps (first ones here)
+    Vn = tl.load(v + (tok0 + o_c * H)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0)
+    Kn = tl.load(k + (tok0 + o_c * H)[:, None] * M + o_m[None, :], mask=rmask, other=0.0)
+    Bn = tl.load(beta + tok0 + o_c * H)
     t0 = 0
     while t0 < T:  # while, not range: the interpreter cannot take run-time range bounds
         if t0 % CS == 0:
@@ -251,27 +368,36 @@ def _fwd_scan_kernel(
                 tl.debug_barrier()
                 ns_c = ns
         row0 = tok0 + t0 * H  # this sub-chunk's first token; token j is row0 + j * H
-        Vf = tl.load(v + (row0 + o_c * H)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
+        Vraw = Vn
+        Kraw = Kn
+        Braw = Bn
+        nxt = t0 + BCC < T
+        row1 = row0 + BCC * H
+        Vn = tl.load(v + (row1 + o_c * H)[:, None] * D + o_d[None, :], mask=vd_mask & nxt, other=0.0)
+        Kn = tl.load(k + (row1 + o_c * H)[:, None] * M + o_m[None, :], mask=rmask & nxt, other=0.0)
+        Bn = tl.load(beta + row1 + o_c * H, mask=(o_c < BCC) & nxt, other=0.0)
+        _prefetch(gram + (tl.where(nxt, row1, row0) + o_c * H) * BCC, BCC)  # the next sub-chunk's Gram rows
+        Vf = Vraw.to(tl.float32)
         if EXACT:
             Y = _unpack_rows(tl.dot(Vf, S, input_precision=PREC))
         else:
             Y = _unpack_rows(tl.dot(Vf, tl.load(p_sc), input_precision=PREC))
-        rmask = (o_c < BCC)[:, None] & m_mask[None, :]
+        Ks = _unpack_rows(Kraw.to(tl.float32))
+        Bsc = _scalars(Braw.to(tl.float32))
         tile = (row0 + o_c * H)[:, None] * M + o_m[None, :]  # [BCC, BM] offsets of this sub-chunk's slot rows
-        Ks = _unpack_rows(tl.load(k + tile, mask=rmask, other=0.0).to(tl.float32))
         p_g = gram + row0 * BCC  # Gram row of token j: p_g + j * H * BCC
         Cs = ()
         NSs = ()
         As = ()
         Bs = ()
         for j in tl.static_range(BCC):
-            gamma = tl.load(beta + row0 + j * H).to(tl.float32) * Ks[j]
+            G = _row_suffix(p_g + j * H * BCC, j)  # v_j . v_u for u >= j (the Gram matrix is symmetric)
             c = Y[j]
             if EXACT:
                 nsu = ns
             else:
                 nsu = ns_c
-            a, b, ns_new = _gates(c, gamma, tl.load(p_g + j * H * BCC + j), nsu, ORTHOGONAL, NORMALIZE)
+            a, b, ns_new = _gates(c, Bsc[j] * Ks[j], G[j], nsu, ORTHOGONAL, NORMALIZE)
             Cs = Cs + (c,)
             NSs = NSs + (nsu,)
             if EXACT:
@@ -281,7 +407,7 @@ def _fwd_scan_kernel(
                     if u <= j:
                         Yn = Yn + (Y[u],)
                     else:  # c_u = s_{u-1} . v_u: the rows of later tokens follow the slots' update
-                        Yn = Yn + (a * Y[u] + b * tl.load(p_g + u * H * BCC + j),)
+                        Yn = Yn + (a * Y[u] + b * G[u],)
                 Y = Yn
             As = As + (a,)
             Bs = Bs + (b,)
@@ -508,7 +634,13 @@ def _bwd_scan_kernel(
     ``rho = g . s_b`` (``g`` the state gradient, ``s_b`` the slot at the sub-chunk start) as scalars; then
     ``g_t . v_t = U[t]`` and ``g_t . s_{t-1} = A_{t-1} rho + sum_{l<t} W_{t-1}[l] U[l]`` (a Horner sum over the
     forward gates, plain products: no logarithms on the sweep). The d-sized products (``V g``, ``V s_b``,
-    ``dO s_b``, the new ``g``) are matmuls once per sub-chunk. ``T`` is a multiple of ``BCC``."""
+    ``dO s_b``, the new ``g``) are matmuls once per sub-chunk. ``T`` is a multiple of ``BCC``.
+
+    Version 5 (bench/NOTES.md): at step ``j`` the rows ``v_j . v_l`` and ``do_{j-1} . v_l`` (``l < j``) are
+    :func:`_row_prefix` vector loads (v4: one scalar load per entry, 311 per sub-chunk); ``gamma`` is one
+    ``beta * k`` tile product; the ``c``, ``gamma`` and ``q`` tiles pass :func:`_opaque` before their unpack.
+    Version 6: every tile of the next sub-chunk read (replay or sweep) is prefetched into L1 (:func:`_prefetch_sub`),
+    27.2 -> 21.9 ms at B=1, T=32768 on an H100."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     G: tl.constexpr = HQ // H
@@ -539,6 +671,9 @@ def _bwd_scan_kernel(
         r = 0
         while r < n_sub:
             tl.store(p_sc + r * BD * BM, S)
+            t1 = c_lo + tl.minimum(r + 1, n_sub - 1) * BCC  # the next sub-chunk: replay, then the sweep's first
+            _prefetch_sub(q, do, k, v, beta, gram, hgram, c_in, tok0 + t1 * H, qtok0 + t1 * HQ, o_c, i_m,
+                          HQ, H, M, D, BM, BCC)
             rows = c_lo + r * BCC + o_c
             t_mask = rows < T
             tok = tok0 + rows.to(tl.int64) * H
@@ -568,6 +703,10 @@ def _bwd_scan_kernel(
             t0 = c_lo + r * BCC
             row0 = tok0 + t0 * H  # token j of the sub-chunk: row0 + j * H (kv-head tensors)
             qrow0 = qtok0 + t0 * HQ  # query head g of token j: qrow0 + g + j * HQ
+            # the next sub-chunk to be read: r - 1 of this chunk, else the first replayed one of the chunk before
+            t1 = tl.where(r > 0, t0 - BCC, tl.maximum(c_lo - CS, 0))
+            _prefetch_sub(q, do, k, v, beta, gram, hgram, c_in, tok0 + t1 * H, qtok0 + t1 * HQ, o_c, i_m,
+                          HQ, H, M, D, BM, BCC)
             S_b = tl.load(p_sc + r * BD * BM)
             Vf = tl.load(v + (row0 + o_c * H)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
             U = _unpack_rows(tl.dot(Vf, gE, input_precision=PREC))  # U[l] = g . v_l
@@ -577,22 +716,23 @@ def _bwd_scan_kernel(
             # forward gates of the sub-chunk, per thread
             rmask = (o_c < BCC)[:, None] & m_mask[None, :]
             tile = (row0 + o_c * H)[:, None] * M + o_m[None, :]  # [BCC, BM] offsets of the slot rows
-            Cs = _unpack_rows(tl.load(c_in + tile, mask=rmask, other=0.0))
-            Ks = _unpack_rows(tl.load(k + tile, mask=rmask, other=0.0).to(tl.float32))
+            Cs = _unpack_rows(_opaque(tl.load(c_in + tile, mask=rmask, other=0.0)))
+            # gamma = beta k: one tile product (beta is a column), no per-token scalar loads
+            Gs = _unpack_rows(_opaque(tl.load(beta + row0 + o_c * H).to(tl.float32)[:, None]
+                                      * tl.load(k + tile, mask=rmask, other=0.0).to(tl.float32)))
             if TRACK_NS:
                 Ns = _unpack_rows(tl.load(ns_in + tile, mask=rmask, other=1.0))
             p_g = gram + row0 * BCC  # Gram row of token j: p_g + j * H * BCC
-            Gs = ()
+            VVs = ()  # ||v_j||^2, uniform
             As = ()
             Bs = ()
             for j in tl.static_range(BCC):
-                gamma = tl.load(beta + row0 + j * H).to(tl.float32) * Ks[j]
+                VVs = VVs + (tl.load(p_g + j * H * BCC + j),)
                 if TRACK_NS:
                     ns = Ns[j]
                 else:
                     ns = tl.full([BM], 1.0, dtype=tl.float32)
-                a, b, _ = _gates(Cs[j], gamma, tl.load(p_g + j * H * BCC + j), ns, ORTHOGONAL, NORMALIZE)
-                Gs = Gs + (gamma,)
+                a, b, _ = _gates(Cs[j], Gs[j], VVs[j], ns, ORTHOGONAL, NORMALIZE)
                 As = As + (a,)
                 Bs = Bs + (b,)
             # the reads: Qs[g][j] = q_j (query head g), Fs[g][j] = do_j . s_b; the read at the last token is in g
@@ -601,13 +741,13 @@ def _bwd_scan_kernel(
             for gq in tl.static_range(G):
                 DOg = tl.load(do + (qrow0 + gq + o_c * HQ)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
                 Fs = Fs + (_unpack_rows(tl.dot(DOg, S_b, input_precision=PREC)),)
-                qg = _unpack_rows(tl.load(q + (qrow0 + gq + o_c * HQ)[:, None] * M + o_m[None, :], mask=rmask,
-                                          other=0.0).to(tl.float32))
+                qg = _unpack_rows(_opaque(tl.load(q + (qrow0 + gq + o_c * HQ)[:, None] * M + o_m[None, :], mask=rmask,
+                                                  other=0.0).to(tl.float32)))
                 Qs = Qs + (qg,)
-                p_h = hgram + (qrow0 + gq + (BCC - 1) * HQ) * BCC
+                Hr = _uniform_row(hgram + (qrow0 + gq + (BCC - 1) * HQ) * BCC, BCC)  # do_15 . v_l
                 Un = ()
                 for l in tl.static_range(BCC):
-                    Un = Un + (U[l] + qg[BCC - 1] * tl.load(p_h + l),)
+                    Un = Un + (U[l] + qg[BCC - 1] * Hr[l],)
                 U = Un
                 rho += qg[BCC - 1] * Fs[gq][BCC - 1]
             # prod_{l<j} a_l: the decay from token j back to the sub-chunk start
@@ -637,7 +777,7 @@ def _bwd_scan_kernel(
                     ns = Ns[j]
                 else:
                     ns = tl.full([BM], 1.0, dtype=tl.float32)
-                dc, dgamma, dvv, dns = _gate_grads(Cs[j], Gs[j], tl.load(p_g + j * H * BCC + j), ns, As[j], Bs[j],
+                dc, dgamma, dvv, dns = _gate_grads(Cs[j], Gs[j], VVs[j], ns, As[j], Bs[j],
                                                    x, U[j], dns_new, ORTHOGONAL, NORMALIZE)
                 dc = tl.where(m_mask, dc, 0.0)
                 DC = tl.where(o_r == j, dc[None, :], DC)
@@ -662,16 +802,17 @@ def _bwd_scan_kernel(
                         Un = Un + (As[j] * U[l],)
                     U = Un
                     for gq in tl.static_range(G):
-                        p_h = hgram + (qrow0 + gq + (j - 1) * HQ) * BCC
+                        Hr = _row_prefix(hgram + (qrow0 + gq + (j - 1) * HQ) * BCC, j)  # do_{j-1} . v_l
                         Un = ()
                         for l in tl.static_range(j):
-                            Un = Un + (U[l] + Qs[gq][j - 1] * tl.load(p_h + l),)
+                            Un = Un + (U[l] + Qs[gq][j - 1] * Hr[l],)
                         U = Un
                         rho += Qs[gq][j - 1] * Fs[gq][j - 1]
                     if EXACT:
+                        Gr = _row_prefix(p_g + j * H * BCC, j)  # v_j . v_l
                         Un = ()
                         for l in tl.static_range(j):
-                            Un = Un + (U[l] + dc * tl.load(p_g + j * H * BCC + l),)
+                            Un = Un + (U[l] + dc * Gr[l],)
                         U = Un
                         rho += dc * P[j]
             tl.store(dc_out + tile, DC, mask=rmask)
@@ -679,6 +820,7 @@ def _bwd_scan_kernel(
             tl.store(dvv_out + tile, DV, mask=rmask)
             # gradient before the sub-chunk: g_b = A g + sum_u (prod_{l<=u} a_l) q_u do_u + sum_u (prod_{l<u} a_l) dc_u v_u
             g_new = gE * _opaque(A)[None, :]
+            Vf = tl.load(v + (row0 + o_c * H)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
             for gq in tl.static_range(G):
                 DOg = tl.load(do + (qrow0 + gq + o_c * HQ)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
                 g_new += tl.dot(tl.trans(DOg), QO[gq], input_precision=PREC)
@@ -865,7 +1007,8 @@ def lattice_fwd(q, k, v, beta, state, setup: _Setup):
     scratch = s.new(s.B * s.H * n_mb * s.BD * s.BM, like=q) if not s.exact else c
     _fwd_scan_kernel[(n_mb, s.B * s.H)](
         k, v, beta, state, gram, c, ns, states, final, scratch, s.T, s.NC,
-        s.H, s.M, s.D, BC, s.CS, s.BM, s.BD, s.exact, PREC=s.prec, **s.flags, num_warps=SCAN_WARPS,
+        s.H, s.M, s.D, BC, s.CS, s.BM, s.BD, s.exact, PREC=s.prec, **s.flags,
+        num_warps=FWD_SCAN_WARPS if s.prec == "tf32" else SCAN_WARPS,
     )
     o = torch.empty(s.B, s.T, s.HQ, s.D, device=q.device, dtype=q.dtype)
     bv = s.read_bv()
