@@ -481,11 +481,12 @@ def _chunk_read_kernel(
     ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr, PREC: tl.constexpr,
 ):
     """``out_t = S_t x_t`` over one chunk (the outputs, x = q); with EXCLUSIVE ``S_{t-1} x_t`` (dv's gate term,
-    x = dc); with FROZEN the chunk-start state for every token (dv's gate term for gates="chunk").
+    x = dc) plus dv's share of ``dc`` through the write, ``sum_{t>j} M[t, j] v_t``, which is the same exclusive
+    ``M`` transposed; with FROZEN the chunk-start state for every token (dv's gate term for gates="chunk").
 
-    Per 16-token sub-chunk: ``out = (x * A) S_b^T + M V`` with ``M`` from :func:`_intra`, then
-    ``S_b <- S_b diag(A_end) + V^T W``; the gate products are per-thread scalars, the rest matmuls.
-    ``T`` is a multiple of ``BCC`` (the wrapper pads with identity tokens)."""
+    Per 16-token sub-chunk: ``out = (x * A) S_b^T + M V`` (EXCLUSIVE: ``(M + M^T) V``) with ``M`` from
+    :func:`_intra`, then ``S_b <- S_b diag(A_end) + V^T W``; the gate products are per-thread scalars, the rest
+    matmuls. ``T`` is a multiple of ``BCC`` (the wrapper pads with identity tokens)."""
     i_v, i_c, i_bx = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_hx = i_bx // HX, i_bx % HX
     i_h = i_hx // (HX // H)
@@ -516,10 +517,11 @@ def _chunk_read_kernel(
             Mt = _intra(X, Xs, As, Bs, EXCLUSIVE, False, PREC)
             Vf = tl.load(v + rows[:, None] * D + o_v[None, :], mask=xv_mask, other=0.0).to(tl.float32)
             o = tl.dot(_pack_all(_mul_rows(Xs, P)), tl.trans(S), input_precision=PREC)
-            o += tl.dot(Mt, Vf, input_precision=PREC)
             if EXCLUSIVE:
+                o += tl.dot(Mt + tl.trans(Mt), Vf, input_precision=PREC)
                 A_end = P[15] * As[15]
             else:
+                o += tl.dot(Mt, Vf, input_precision=PREC)
                 A_end = P[15]
             W = _pack_all(_mul_rows(Bs, _seg_suffix(As, 16)))  # b_j prod_{j<l<16} a_l
             S = S * _opaque(A_end[None, :]) + tl.dot(tl.trans(Vf), W, input_precision=PREC)
@@ -809,8 +811,9 @@ def _bwd_dv_kernel(
 ):
     """Adds ``g_t b_t + 2 v_t sum_i dvv`` to dv: the write's share, walking the chunk backwards from the stored
     gradient of its end state. Per sub-chunk, with ``g`` the gradient of its end state:
-    ``dv_j += b_j prod_{j<l<16} a_l g + sum_{t>=j} M_q[t, j] do_t (+ sum_{t>j} M_dc[t, j] v_t for exact gates)``
-    and ``g <- g diag(A_end) + dO^T (q * A) (+ V^T (dc * A_excl))``, the ``M`` from :func:`_intra`."""
+    ``dv_j += b_j prod_{j<l<16} a_l g + sum_{t>=j} M_q[t, j] do_t`` (``M_q`` from :func:`_intra`) and
+    ``g <- g diag(A_end) + dO^T (q * A) (+ V^T (dc * A_excl) for exact gates)``. dc's share within the sub-chunk
+    comes with dv's gate term from the exclusive read pass, which builds the same ``M``."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     G: tl.constexpr = HQ // H
@@ -840,10 +843,7 @@ def _bwd_dv_kernel(
         acc = tl.dot(BR, tl.trans(g), input_precision=PREC) + 2.0 * Vf * dvv[:, None]
         g_new = g * _opaque(P[15][None, :])
         if EXACT:
-            DC = tl.load(dc_in + rows[:, None] * M + o_k[None, :], mask=xk_mask, other=0.0)
-            DCs = _unpack_rows(DC)
-            Mz = _intra(DC, DCs, As, Bs, True, True, PREC)  # [j, t]: sum_i dc_t b_j prod_{j<l<t} a_l
-            acc += tl.dot(Mz, Vf, input_precision=PREC)
+            DCs = _unpack_rows(tl.load(dc_in + rows[:, None] * M + o_k[None, :], mask=xk_mask, other=0.0))
             g_new += tl.dot(tl.trans(Vf), _pack_all(_mul_rows(DCs, _seg_prefix(As, 16, True))), input_precision=PREC)
         for gq in range(G):
             qrows = qtok0 + gq + (t0 + o_c).to(tl.int64) * HQ
