@@ -445,6 +445,21 @@ def _intra(X, Xs, As, Bs, EXCL: tl.constexpr, TRANS: tl.constexpr, PREC: tl.cons
 
 
 @triton.jit
+def _opaque_rows(rows):
+    """A tuple of per-thread rows behind one loop, as :func:`_opaque`: the layout pass otherwise re-derives the rows
+    (for gates: loads, unpack and the whole gate chain) in a second, equivalent layout for the selects of
+    :func:`_pack_sel`; behind the loop it converts them, which costs nothing between equivalent layouts."""
+    i = 0
+    while i < 1:
+        out = ()
+        for j in tl.static_range(len(rows)):
+            out = out + (rows[j] + 0.0,)
+        rows = out
+        i += 1
+    return rows
+
+
+@triton.jit
 def _sub_gates(c_in, ns_in, k, beta, gram, row0, o_c, o_k, k_mask, H: tl.constexpr, M: tl.constexpr,
                BCC: tl.constexpr, ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr):
     """Gates ``a, b`` of a 16-token sub-chunk (token ``j`` at row ``row0 + j * H`` of the kv-head tensors) as
@@ -468,6 +483,12 @@ def _sub_gates(c_in, ns_in, k, beta, gram, row0, o_c, o_k, k_mask, H: tl.constex
         a, b, _ = _gates(Cs[j], gamma, tl.load(gram + (row0 + j * H) * BCC + j), ns, ORTHOGONAL, NORMALIZE)
         As = As + (a,)
         Bs = Bs + (b,)
+    rows = _opaque_rows(As + Bs)
+    As = ()
+    Bs = ()
+    for j in tl.static_range(16):
+        As = As + (rows[j],)
+        Bs = Bs + (rows[16 + j],)
     return As, Bs
 
 
