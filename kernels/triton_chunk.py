@@ -39,7 +39,7 @@ BC = 16  # tokens per sub-chunk of the sweeps (tl.dot needs >= 16)
 CS_EXACT = 64  # tokens between stored states for gates="exact" (a free choice: the math does not depend on it)
 BM_SCAN = 16  # slots per program of the sequential sweeps
 BV_READ = 128  # value columns per program of the read pass (64 when m > 64): the gates are computed per program
-BV_DV = 64  # value columns per program of the dv pass
+BV_DV = 128  # value columns per program of the dv pass (64 when m > 64): the gates and M_q are computed per program
 BK_DQ = 64  # slots per program of the dq pass
 SCAN_WARPS = 2  # warps per program of the sequential sweeps (bench/NOTES.md, versions 3 and 4)
 
@@ -969,7 +969,7 @@ def lattice_bwd(do, d_final, q, k, v, beta, saved, setup: _Setup):
         dc, k, v, beta, gram, c, ns, states, dv, s.T, s.NC,
         s.H, s.H, s.M, s.D, BC, s.CS, s.BK, bv, True, not s.exact, PREC=s.prec, **s.flags, num_warps=4,
     )
-    bv = min(BV_DV, s.BD)
+    bv = min(BV_DV if s.BK <= 64 else 64, s.BD)
     _bwd_dv_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.H)](
         q, do, k, v, beta, gram, c, ns, dc, dvv, g_end, dv, s.T, s.NC,
         s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, bv, s.exact, PREC=s.prec, **s.flags, num_warps=4,
