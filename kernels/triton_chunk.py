@@ -42,6 +42,7 @@ BV_READ = 128  # value columns per program of the read pass (64 when m > 64): th
 BV_DV = 128  # value columns per program of the dv pass (64 when m > 64): the gates and M_q are computed per program
 BK_DQ = 64  # slots per program of the dq pass
 SCAN_WARPS = 2  # warps per program of the sequential sweeps (bench/NOTES.md, versions 3 and 4)
+PAR_WARPS = 4  # warps per program of the parallel passes (read, dq, dv)
 
 
 @triton.jit
@@ -934,7 +935,7 @@ def lattice_fwd(q, k, v, beta, state, setup: _Setup):
     bv = s.read_bv()
     _chunk_read_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.HQ)](
         q, k, v, beta, gram, c, ns, states, o, s.T, s.NC,
-        s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, bv, False, False, PREC=s.prec, **s.flags, num_warps=4,
+        s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, bv, False, False, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
     )
     return o, final, (gram, c, ns, states)
 
@@ -961,18 +962,18 @@ def lattice_bwd(do, d_final, q, k, v, beta, saved, setup: _Setup):
     bk = min(BK_DQ, s.BK)
     _bwd_dq_kernel[(triton.cdiv(s.M, bk), s.NC, s.B * s.HQ)](
         do, k, v, beta, gram, hgram, c, ns, states, dq, s.T, s.NC,
-        s.HQ, s.H, s.M, s.D, BC, s.CS, bk, s.BD, PREC=s.prec, **s.flags, num_warps=4,
+        s.HQ, s.H, s.M, s.D, BC, s.CS, bk, s.BD, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
     )
     dv = s.new(s.B, s.T, s.H, s.D, like=q)
     bv = s.read_bv()
     _chunk_read_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.H)](
         dc, k, v, beta, gram, c, ns, states, dv, s.T, s.NC,
-        s.H, s.H, s.M, s.D, BC, s.CS, s.BK, bv, True, not s.exact, PREC=s.prec, **s.flags, num_warps=4,
+        s.H, s.H, s.M, s.D, BC, s.CS, s.BK, bv, True, not s.exact, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
     )
     bv = min(BV_DV if s.BK <= 64 else 64, s.BD)
     _bwd_dv_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.H)](
         q, do, k, v, beta, gram, c, ns, dc, dvv, g_end, dv, s.T, s.NC,
-        s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, bv, s.exact, PREC=s.prec, **s.flags, num_warps=4,
+        s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, bv, s.exact, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
     )
     dk = (dgamma * beta.unsqueeze(-1)).to(k.dtype)
     dbeta = (dgamma * k).sum(-1).to(beta.dtype)
