@@ -1,17 +1,13 @@
-"""One device call comparing kernel files side by side: float64-reference correctness of the package's kernels,
-then timings of every version in the same process and per-kernel times (written for version 5, generic since 6b).
+"""One device call: the version-5 reverse sweep (kernels/triton_chunk.py, branch kernels-v5) against the float64
+reference, then v4 vs v5 timings in the same process and per-kernel times (adapted from bench/kernels_v4.py;
+chunk_gla only with KV5_GLA=1: its autotuning on a fresh machine took the whole v4 call's margin).
 
-Versions: ``KV_VERSIONS="name=path[:ATTR=VALUE...],..."``; ``path`` is a copy of a kernels/triton_chunk.py (e.g.
-``git show kernels-v5:kernels/triton_chunk.py > /some/where/v5.py``) or ``pkg`` for the imported package's own file;
-each ``ATTR=VALUE`` sets a module constant (``BV_DV=64``, ``SCAN_WARPS=4``). The first version is the baseline: the
-others are compared with it on the timed inputs. Default: version 5's check (main's v4 copy from KV5_V4, v5, v5 at
-4-warp sweeps). Correctness (the package's kernels): fresh random inputs; outputs, final state and the gradients of
-q, k, v, beta and s0/initial_state; relative error <= 1e-4 (float32) and <= 2e-2 (bfloat16). Timings: CUDA-event
-medians (triton.testing.do_bench) of forward (no autograd) and forward+backward of chunk_lattice_triton, bf16, H=16,
-m=64, d=128, each version twice. Order: every kernel is compiled first in worker processes (Triton's on-disk cache;
-the correctness cases on small inputs), then the timings, then the correctness cases at full size, so a cut-off call
-still has its timings. chunk_gla only with KV5_GLA=1. SWEEPS_DRY=1 rehearses everything on the CPU (interpreter,
-tiny shapes).
+v4 = a copy of main's kernels/triton_chunk.py (``git show main:kernels/triton_chunk.py > bench/_v4_triton_chunk.py``,
+or a path in KV5_V4; present for the run only). Correctness: fresh random inputs; outputs, final state and the gradients of q, k, v,
+beta and s0/initial_state; relative error <= 1e-4 (float32) and <= 2e-2 (bfloat16). Timings: CUDA-event medians
+(triton.testing.do_bench) of forward (no autograd) and forward+backward of chunk_lattice_triton, bf16, H=16, m=64,
+d=128, each version twice. Compilation runs first in worker processes (Triton's on-disk cache), so the timed
+process only loads kernels. SWEEPS_DRY=1 rehearses everything on the CPU (interpreter, tiny shapes).
 """
 
 import importlib.util
@@ -20,7 +16,7 @@ import os
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 DRY = bool(os.environ.get("SWEEPS_DRY"))
@@ -33,7 +29,7 @@ DEV = "cpu" if DRY else "cuda"
 OUT = Path(os.environ.get("OUT") or "/tmp/out")
 TOL = {"float32": 1e-4, "bfloat16": 2e-2}
 HERE = Path(__file__).resolve().parent
-V4 = os.environ.get("KV5_V4") or str(HERE / "_v4_triton_chunk.py")
+V4 = Path(os.environ.get("KV5_V4") or HERE / "_v4_triton_chunk.py")
 GLA = bool(os.environ.get("KV5_GLA"))
 BUDGET_S = float(os.environ.get("KV5_BUDGET_S") or 400)  # skip the optional parts past this wall time
 CASES = [  # name, B, T, Hq, H, m, d, dtype, gates, orthogonal, normalize, per-batch initial_state
@@ -49,23 +45,11 @@ if DRY:
     CASES = [(c[0], 1, 19 + 16 * i, 2 * (c[3] // c[4]), 2, 16, 16, *c[7:]) for i, c in enumerate(CASES)]
     SHAPES = [(2, 32), (1, 48)]
     HEADS, M, D = 2, 16, 16
-
-def parse_versions(spec: str) -> dict:
-    """``name=path[:ATTR=VALUE...]`` entries -> {name: (path, {ATTR: int or str})}."""
-    out = {}
-    for item in filter(None, spec.split(",")):
-        name, rest = item.split("=", 1)
-        path, *sets = rest.split(":")
-        attrs = {}
-        for entry in sets:
-            attr, value = entry.split("=", 1)
-            attrs[attr] = int(value) if value.lstrip("-").isdigit() else value
-        out[name.strip()] = (path, attrs)
-    return out
-
-
-VERSIONS = parse_versions(os.environ.get("KV_VERSIONS") or f"v4={V4},v5=pkg:SCAN_WARPS=2,v5_scan4=pkg:SCAN_WARPS=4")
-BASE = next(iter(VERSIONS))
+VERSIONS = {  # module attributes set per timed version (v4: main's defaults, BV_READ = 128, SCAN_WARPS = 2)
+    "v4": None,
+    "v5": dict(SCAN_WARPS=2),
+    "v5_scan4": dict(SCAN_WARPS=4),  # the reverse sweep at 4 warps (fewer spills offline, see NOTES)
+}
 STARTED = time.time()
 
 
@@ -84,39 +68,30 @@ def bench(fn, rep):
     return (time.time() - started) * 1e3
 
 
-_MODULES = {}
+def v4_module():
+    spec = importlib.util.spec_from_file_location("v4_triton_chunk", V4)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def version(name):
-    """The kernels module of one version: its own module object per name (constants set per version)."""
-    if name not in _MODULES:
-        path, attrs = VERSIONS[name]
-        if path == "pkg":
-            spec = importlib.util.find_spec("lattice_plugin.kernels.triton_chunk")
-            path = spec.origin
-        spec = importlib.util.spec_from_file_location(f"kernels_{name}", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        for attr, value in attrs.items():
-            assert hasattr(mod, attr), f"{name}: no constant {attr} in {path}"
-            setattr(mod, attr, value)
-        _MODULES[name] = mod
-    return _MODULES[name]
+    from lattice_plugin.kernels import triton_chunk as v5
+
+    if name == "v4":
+        return v4_module()
+    for attr, value in VERSIONS[name].items():
+        setattr(v5, attr, value)
+    return v5
 
 
-def check_case(case, compile_only=False) -> dict:
-    """Relative errors of one case against the float64 reference. compile_only: the same kernels (the padded T and
-    the chunk count keep their divisibility by 16, which Triton specializes on) on small inputs, no reference."""
+def check_case(case) -> dict:
     from lattice_plugin import ops
     from lattice_plugin.kernels.chunk import chunk_lattice
 
     if DRY:
         ops.resolve_backend = lambda *args, **kwargs: "triton"
     name, B, T, Hq, H, m, d, dtype, gates, orth, norm, per_batch = case
-    if compile_only and DRY:  # the interpreter builds nothing
-        return dict(case=name, compile_s=0.0)
-    if compile_only:
-        B, T = 1, 1024 if -(-T // 64) % 16 == 0 else 100
     torch.manual_seed(sum(map(ord, name)))
     dt = getattr(torch, dtype)
     started = time.time()
@@ -135,8 +110,6 @@ def check_case(case, compile_only=False) -> dict:
     ((o.float() * d_o).sum() + (f * d_f).sum()).backward()
     sync()
     compiled = time.time() - started
-    if compile_only:
-        return dict(case=name, compile_s=round(compiled, 1))
     refs = [x.detach().double().requires_grad_() for x in ins]
     rleaves = [x.detach().double().requires_grad_() for x in leaves]
     state = rleaves[1] if per_batch else rleaves[0].unsqueeze(0).expand(B, -1, -1, -1)
@@ -165,7 +138,7 @@ def warm(which: str) -> dict:
     """Compile one version's kernels for the timed configuration (bf16, exact, m=64, d=128)."""
     started = time.time()
     mod = version(which)
-    q, k, v, beta, s0, state = inputs(1, 32 if DRY else 1024)  # 1024: the chunk count divisible by 16, as timed
+    q, k, v, beta, s0, state = inputs(1, 1024)
     o, _ = mod.chunk_lattice_triton(q, k, v, beta, state(s0))
     torch.autograd.grad(o, [q, k, v, beta, s0], torch.randn_like(o))
     sync()
@@ -212,25 +185,25 @@ def timings(report: dict, save) -> None:
                 with torch.no_grad():
                     f_ms = bench(fwd, 150)
                 t_ms = bench(train, 150)
-                rows.append(dict(version=name, B=B, T=T, repeat=rep, fwd_ms=f_ms, fwd_bwd_ms=t_ms,
-                                 at_s=round(time.time() - STARTED, 1)))
+                rows.append(dict(version=name, B=B, T=T, repeat=rep, fwd_ms=f_ms, fwd_bwd_ms=t_ms))
                 print(f"{name:>8} B={B:>2} T={T:>5} rep {rep}: fwd {f_ms:8.3f} ms  fwd+bwd {t_ms:8.3f} ms", flush=True)
                 if rep == 0:
                     o = fwd()
                     outs[name] = [o.float()] + [g.float() for g in torch.autograd.grad(o, leaves, grad)]
         rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
         names = ["o", "dq", "dk", "dv", "dbeta", "ds0"]
-        for other in list(VERSIONS)[1:]:
-            agree.append(dict(B=B, T=T, pair=f"{other} vs {BASE}",
-                              **{n: rel(a, b) for n, a, b in zip(names, outs[other], outs[BASE])}))
+        for other in ("v4", "v5_scan4"):
+            agree.append(dict(B=B, T=T, pair=f"v5 vs {other}",
+                              **{n: rel(a, b) for n, a, b in zip(names, outs["v5"], outs[other])}))
             print(agree[-1], flush=True)
         save()
         if not DRY:
-            for name in VERSIONS:
+            for name in ("v5", "v4"):
                 mod = version(name)
                 kernels[f"{name} B={B},T={T}"] = _kernel_times(lambda mod=mod: torch.autograd.grad(
                     mod.chunk_lattice_triton(q, k, v, beta, state(s0))[0], leaves, grad))
                 print(name, B, T, {k_: round(v_, 3) for k_, v_ in kernels[f"{name} B={B},T={T}"].items()}, flush=True)
+            version("v5")
             save()
         del q, k, v, beta, s0, grad, outs
         if not DRY:
@@ -254,7 +227,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     device = "cpu (dry run)" if DRY else torch.cuda.get_device_name()
     card = "cpu" if DRY else "h200" if "H200" in device else "h100" if "H100" in device else "gpu"
-    path = OUT / f"kernels_{os.environ.get('KV_TAG') or 'v5'}_{card}.json"
+    path = OUT / f"kernels_v5_{card}.json"
     report = dict(device=device, torch=torch.__version__, script=Path(__file__).read_text())
     import triton
 
@@ -266,45 +239,30 @@ def main() -> None:
     except Exception as error:
         report["fla"] = repr(error)[:200]
     save = lambda: path.write_text(json.dumps(report, indent=1))  # noqa: E731
-    pkg = importlib.util.find_spec("lattice_plugin.kernels.triton_chunk").origin
-    report["versions"] = {name: dict(path=pkg if path_ == "pkg" else path_, constants=attrs)
-                          for name, (path_, attrs) in VERSIONS.items()}
-    print(report["versions"], flush=True)
-
-    def collect(futures, key):
-        report[key] = []
-        for f in futures:
-            try:
-                report[key].append(dict(f.result(), done_s=round(time.time() - STARTED, 1)))
-            except Exception:
-                report[key].append(dict(error=traceback.format_exc()[-2000:]))
-            print(key, report[key][-1], flush=True)
-        save()
-
     ctx = torch.multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=len(CASES) + len(VERSIONS), mp_context=ctx) as pool:
         warms = [pool.submit(warm, w) for w in VERSIONS]
-        builds = {pool.submit(check_case, c, True): c for c in CASES}
-        collect(warms, "warm")
-        # the timings start once the timed kernels are built; the case builds may still run beside them (CPU, and
-        # a few ms of GPU work at their end: "done_s" against the rows' "at_s" tells which rows overlapped)
-        try:
-            timings(report, save)
-        except Exception:
-            report["timings_error"] = traceback.format_exc()[-2000:]
-            print(report["timings_error"], flush=True)
-        report["case_builds"], report["correctness"] = [], []
-        for f in as_completed(builds):  # each case at full size in this process once its kernels are built
+        checks = [pool.submit(check_case, c) for c in CASES]
+        report["warm"] = []
+        for f in warms:
             try:
-                report["case_builds"].append(dict(f.result(), done_s=round(time.time() - STARTED, 1)))
+                report["warm"].append(f.result())
             except Exception:
-                report["case_builds"].append(dict(case=builds[f][0], error=traceback.format_exc()[-2000:]))
+                report["warm"].append(dict(error=traceback.format_exc()[-2000:]))
+        print(report["warm"], f"{time.time() - STARTED:.0f}s", flush=True)
+        report["correctness"] = []
+        for f in checks:  # all GPU work of the workers ends before the timings start
             try:
-                report["correctness"].append(check_case(builds[f]))
+                report["correctness"].append(f.result())
             except Exception:
-                report["correctness"].append(dict(case=builds[f][0], error=traceback.format_exc()[-2000:]))
+                report["correctness"].append(dict(error=traceback.format_exc()[-2000:]))
             print(report["correctness"][-1], f"{time.time() - STARTED:.0f}s", flush=True)
-            save()
+    save()
+    try:
+        timings(report, save)
+    except Exception:
+        report["timings_error"] = traceback.format_exc()[-2000:]
+        print(report["timings_error"], flush=True)
     report["wall_s"] = round(time.time() - STARTED, 1)
     save()
     print("\nversion       B      T   fwd ms  fwd+bwd ms")
