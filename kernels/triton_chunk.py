@@ -40,9 +40,9 @@ CS_EXACT = 64  # tokens between stored states for gates="exact" (a free choice: 
 BM_SCAN = 16  # slots per program of the sequential sweeps
 BV_READ = 128  # value columns per program of the read pass (64 when m > 64): the gates are computed per program
 BV_DV = 128  # value columns per program of the dv pass (64 when m > 64): the gates and M_q are computed per program
+PAR_WARPS = 4  # warps per program of the parallel passes (read, dq, dv; 8 measured slower, bench/NOTES.md 6b)
 BK_DQ = 64  # slots per program of the dq pass
 SCAN_WARPS = 2  # warps per program of the sequential sweeps (bench/NOTES.md, versions 3 and 4)
-PAR_WARPS = 4  # warps per program of the parallel passes (read, dq, dv)
 
 
 @triton.jit
