@@ -43,7 +43,8 @@ BC = 16  # tokens per sub-chunk of the sweeps (tl.dot needs >= 16)
 CS_EXACT = 64  # tokens between stored states for gates="exact" (a free choice: the math does not depend on it)
 BM_SCAN = 16  # slots per program of the sequential sweeps
 BV_READ = 128  # value columns per program of the read pass (64 when m > 64): the gates are computed per program
-BV_DV = 64  # value columns per program of the dv pass
+BV_DV = 128  # value columns per program of the dv pass (64 when m > 64): the gates and M_q are computed per program
+PAR_WARPS = 4  # warps per program of the parallel passes (read, dq, dv; 8 measured slower, bench/NOTES.md 6b)
 BK_DQ = 64  # slots per program of the dq pass
 # warps per forward-sweep program for 16-bit inputs (bench/NOTES.md, version 6); float32 inputs use SCAN_WARPS:
 # their full-precision matmuls spill ~1 KB at 1 warp, none at 2
@@ -536,6 +537,21 @@ def _intra(X, Xs, As, Bs, EXCL: tl.constexpr, TRANS: tl.constexpr, PREC: tl.cons
 
 
 @triton.jit
+def _opaque_rows(rows):
+    """A tuple of per-thread rows behind one loop, as :func:`_opaque`: the layout pass otherwise re-derives the rows
+    (for gates: loads, unpack and the whole gate chain) in a second, equivalent layout for the selects of
+    :func:`_pack_sel`; behind the loop it converts them, which costs nothing between equivalent layouts."""
+    i = 0
+    while i < 1:
+        out = ()
+        for j in tl.static_range(len(rows)):
+            out = out + (rows[j] + 0.0,)
+        rows = out
+        i += 1
+    return rows
+
+
+@triton.jit
 def _sub_gates(c_in, ns_in, k, beta, gram, row0, o_c, o_k, k_mask, H: tl.constexpr, M: tl.constexpr,
                BCC: tl.constexpr, ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr):
     """Gates ``a, b`` of a 16-token sub-chunk (token ``j`` at row ``row0 + j * H`` of the kv-head tensors) as
@@ -559,6 +575,12 @@ def _sub_gates(c_in, ns_in, k, beta, gram, row0, o_c, o_k, k_mask, H: tl.constex
         a, b, _ = _gates(Cs[j], gamma, tl.load(gram + (row0 + j * H) * BCC + j), ns, ORTHOGONAL, NORMALIZE)
         As = As + (a,)
         Bs = Bs + (b,)
+    rows = _opaque_rows(As + Bs)
+    As = ()
+    Bs = ()
+    for j in tl.static_range(16):
+        As = As + (rows[j],)
+        Bs = Bs + (rows[16 + j],)
     return As, Bs
 
 
@@ -572,11 +594,12 @@ def _chunk_read_kernel(
     ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr, PREC: tl.constexpr,
 ):
     """``out_t = S_t x_t`` over one chunk (the outputs, x = q); with EXCLUSIVE ``S_{t-1} x_t`` (dv's gate term,
-    x = dc); with FROZEN the chunk-start state for every token (dv's gate term for gates="chunk").
+    x = dc) plus dv's share of ``dc`` through the write, ``sum_{t>j} M[t, j] v_t``, which is the same exclusive
+    ``M`` transposed; with FROZEN the chunk-start state for every token (dv's gate term for gates="chunk").
 
-    Per 16-token sub-chunk: ``out = (x * A) S_b^T + M V`` with ``M`` from :func:`_intra`, then
-    ``S_b <- S_b diag(A_end) + V^T W``; the gate products are per-thread scalars, the rest matmuls.
-    ``T`` is a multiple of ``BCC`` (the wrapper pads with identity tokens)."""
+    Per 16-token sub-chunk: ``out = (x * A) S_b^T + M V`` (EXCLUSIVE: ``(M + M^T) V``) with ``M`` from
+    :func:`_intra`, then ``S_b <- S_b diag(A_end) + V^T W``; the gate products are per-thread scalars, the rest
+    matmuls. ``T`` is a multiple of ``BCC`` (the wrapper pads with identity tokens)."""
     i_v, i_c, i_bx = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_hx = i_bx // HX, i_bx % HX
     i_h = i_hx // (HX // H)
@@ -607,10 +630,11 @@ def _chunk_read_kernel(
             Mt = _intra(X, Xs, As, Bs, EXCLUSIVE, False, PREC)
             Vf = tl.load(v + rows[:, None] * D + o_v[None, :], mask=xv_mask, other=0.0).to(tl.float32)
             o = tl.dot(_pack_all(_mul_rows(Xs, P)), tl.trans(S), input_precision=PREC)
-            o += tl.dot(Mt, Vf, input_precision=PREC)
             if EXCLUSIVE:
+                o += tl.dot(Mt + tl.trans(Mt), Vf, input_precision=PREC)
                 A_end = P[15] * As[15]
             else:
+                o += tl.dot(Mt, Vf, input_precision=PREC)
                 A_end = P[15]
             W = _pack_all(_mul_rows(Bs, _seg_suffix(As, 16)))  # b_j prod_{j<l<16} a_l
             S = S * _opaque(A_end[None, :]) + tl.dot(tl.trans(Vf), W, input_precision=PREC)
@@ -909,8 +933,9 @@ def _bwd_dv_kernel(
 ):
     """Adds ``g_t b_t + 2 v_t sum_i dvv`` to dv: the write's share, walking the chunk backwards from the stored
     gradient of its end state. Per sub-chunk, with ``g`` the gradient of its end state:
-    ``dv_j += b_j prod_{j<l<16} a_l g + sum_{t>=j} M_q[t, j] do_t (+ sum_{t>j} M_dc[t, j] v_t for exact gates)``
-    and ``g <- g diag(A_end) + dO^T (q * A) (+ V^T (dc * A_excl))``, the ``M`` from :func:`_intra`."""
+    ``dv_j += b_j prod_{j<l<16} a_l g + sum_{t>=j} M_q[t, j] do_t`` (``M_q`` from :func:`_intra`) and
+    ``g <- g diag(A_end) + dO^T (q * A) (+ V^T (dc * A_excl) for exact gates)``. dc's share within the sub-chunk
+    comes with dv's gate term from the exclusive read pass, which builds the same ``M``."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     G: tl.constexpr = HQ // H
@@ -940,10 +965,7 @@ def _bwd_dv_kernel(
         acc = tl.dot(BR, tl.trans(g), input_precision=PREC) + 2.0 * Vf * dvv[:, None]
         g_new = g * _opaque(P[15][None, :])
         if EXACT:
-            DC = tl.load(dc_in + rows[:, None] * M + o_k[None, :], mask=xk_mask, other=0.0)
-            DCs = _unpack_rows(DC)
-            Mz = _intra(DC, DCs, As, Bs, True, True, PREC)  # [j, t]: sum_i dc_t b_j prod_{j<l<t} a_l
-            acc += tl.dot(Mz, Vf, input_precision=PREC)
+            DCs = _unpack_rows(tl.load(dc_in + rows[:, None] * M + o_k[None, :], mask=xk_mask, other=0.0))
             g_new += tl.dot(tl.trans(Vf), _pack_all(_mul_rows(DCs, _seg_prefix(As, 16, True))), input_precision=PREC)
         for gq in range(G):
             qrows = qtok0 + gq + (t0 + o_c).to(tl.int64) * HQ
@@ -1014,7 +1036,7 @@ def lattice_fwd(q, k, v, beta, state, setup: _Setup):
     bv = s.read_bv()
     _chunk_read_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.HQ)](
         q, k, v, beta, gram, c, ns, states, o, s.T, s.NC,
-        s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, bv, False, False, PREC=s.prec, **s.flags, num_warps=4,
+        s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, bv, False, False, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
     )
     return o, final, (gram, c, ns, states)
 
@@ -1041,18 +1063,18 @@ def lattice_bwd(do, d_final, q, k, v, beta, saved, setup: _Setup):
     bk = min(BK_DQ, s.BK)
     _bwd_dq_kernel[(triton.cdiv(s.M, bk), s.NC, s.B * s.HQ)](
         do, k, v, beta, gram, hgram, c, ns, states, dq, s.T, s.NC,
-        s.HQ, s.H, s.M, s.D, BC, s.CS, bk, s.BD, PREC=s.prec, **s.flags, num_warps=4,
+        s.HQ, s.H, s.M, s.D, BC, s.CS, bk, s.BD, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
     )
     dv = s.new(s.B, s.T, s.H, s.D, like=q)
     bv = s.read_bv()
     _chunk_read_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.H)](
         dc, k, v, beta, gram, c, ns, states, dv, s.T, s.NC,
-        s.H, s.H, s.M, s.D, BC, s.CS, s.BK, bv, True, not s.exact, PREC=s.prec, **s.flags, num_warps=4,
+        s.H, s.H, s.M, s.D, BC, s.CS, s.BK, bv, True, not s.exact, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
     )
-    bv = min(BV_DV, s.BD)
+    bv = min(BV_DV if s.BK <= 64 else 64, s.BD)
     _bwd_dv_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.H)](
         q, do, k, v, beta, gram, c, ns, dc, dvv, g_end, dv, s.T, s.NC,
-        s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, bv, s.exact, PREC=s.prec, **s.flags, num_warps=4,
+        s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, bv, s.exact, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
     )
     dk = (dgamma * beta.unsqueeze(-1)).to(k.dtype)
     dbeta = (dgamma * k).sum(-1).to(beta.dtype)

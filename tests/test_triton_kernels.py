@@ -89,6 +89,7 @@ def check(errors, dtype):
         (1, 17, 1, 1, 48, 80),  # m=48, d=80
         (1, 19, 4, 2, 16, 24),  # GQA with 2 kv heads
         (1, 96, 2, 1, 16, 16),  # T a multiple of the 16-token sub-chunk (no padding), two chunks
+        (1, 37, 2, 1, 128, 16),  # m=128: 128-slot tiles in every pass (the m > 64 branch of read and dv)
     ],
 )
 def test_exact_float32(shape):
