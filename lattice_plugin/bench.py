@@ -118,12 +118,25 @@ def bench_sequences(seq_lens, tokens, slots, heads, head_dim, *, rep_ms, chunk_g
     return rows, breakdown
 
 
-DECODE_STEPS = 16  # decode steps per timed call: one step of ~10 us sits near the timer's and the launcher's jitter
+DECODE_STEPS = 16  # decode steps per timed call
 
 
-def _per_step_ms(step, *, rep_ms) -> float:
-    """Median ms of one decode step, timed as ``DECODE_STEPS`` back-to-back steps per call (as in generation)."""
-    return _do_bench(lambda: [step() for _ in range(DECODE_STEPS)], rep_ms=rep_ms) / DECODE_STEPS
+def _per_step_ms(step, *, rep_ms) -> tuple[float, float]:
+    """Median ms of one decode step: on the device (``DECODE_STEPS`` steps replayed from a CUDA graph: the kernels'
+    own time, which is what depends on the context) and eager (back-to-back Python calls: launch overhead included,
+    as in a generation loop without graphs)."""
+    eager = _do_bench(lambda: [step() for _ in range(DECODE_STEPS)], rep_ms=rep_ms) / DECODE_STEPS
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(DECODE_STEPS):
+            step()
+    return _do_bench(graph.replay, rep_ms=rep_ms) / DECODE_STEPS, eager
 
 
 def bench_decode(contexts, *, batch=8, q_heads=32, kv_heads=8, head_dim=128, slots=(64, 128), rep_ms) -> list:
@@ -141,15 +154,17 @@ def bench_decode(contexts, *, batch=8, q_heads=32, kv_heads=8, head_dim=128, slo
         beta = torch.sigmoid(torch.randn(batch, kv_heads, device="cuda"))
         for ctx in contexts:  # the state's size does not depend on the context: each context is timed anyway
             with torch.no_grad():
-                ms = _per_step_ms(lambda: lattice_step(q, k, v, beta, state, inplace=True), rep_ms=rep_ms)
-            rows.append(dict(method="lattice_step", m=m, context=ctx, ms=ms, cache_bytes=state.numel() * 4))
-            print(f"{'lattice_step':>22} m={m:>4} ctx={ctx:>7}  {ms * 1000:8.1f} us", flush=True)
+                ms, eager = _per_step_ms(lambda: lattice_step(q, k, v, beta, state, inplace=True), rep_ms=rep_ms)
+            rows.append(dict(method="lattice_step", m=m, context=ctx, ms=ms, eager_ms=eager, cache_bytes=state.numel() * 4))
+            print(f"{'lattice_step':>22} m={m:>4} ctx={ctx:>7}  {ms * 1000:8.1f} us  (eager {eager * 1000:.1f} us)",
+                  flush=True)
     q = torch.randn(batch, q_heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
     for ctx in contexts:
         kv = torch.randn(2, batch, kv_heads, ctx, head_dim, device="cuda", dtype=torch.bfloat16)
-        ms = _per_step_ms(lambda: F.scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True), rep_ms=rep_ms)
-        rows.append(dict(method="sdpa_kv_cache", m=None, context=ctx, ms=ms, cache_bytes=kv.numel() * 2))
-        print(f"{'sdpa_kv_cache':>22}          ctx={ctx:>7}  {ms * 1000:8.1f} us", flush=True)
+        ms, eager = _per_step_ms(lambda: F.scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True), rep_ms=rep_ms)
+        rows.append(dict(method="sdpa_kv_cache", m=None, context=ctx, ms=ms, eager_ms=eager, cache_bytes=kv.numel() * 2))
+        print(f"{'sdpa_kv_cache':>22}          ctx={ctx:>7}  {ms * 1000:8.1f} us  (eager {eager * 1000:.1f} us)",
+              flush=True)
         del kv
     return rows
 
@@ -250,7 +265,8 @@ def run_bench(
         python=platform.python_version(),
         shapes=dict(tokens=tokens, seq_lens=list(seq_lens), slots=list(slots), heads=heads, head_dim=head_dim,
                     dtype="bfloat16", decode=dict(batch=8, q_heads=32, kv_heads=8, head_dim=128)),
-        timing=f"median of CUDA-event timings (triton.testing.do_bench); decode: {DECODE_STEPS} steps per timed call",
+        timing=f"median of CUDA-event timings (triton.testing.do_bench); decode: per step, {DECODE_STEPS} steps per "
+               "timed call, ms from a CUDA graph (device time), eager_ms from Python calls (launch overhead included)",
         sequence=sequence,
         kernel_ms=breakdown,
         decode=decode,

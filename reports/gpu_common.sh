@@ -14,7 +14,7 @@ if [ -d .whl ] && [ "${INSTALL:-1}" = 1 ]; then  # the GPU image lacks litgpt, j
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     .whl/litgpt-*.whl .whl/jsonargparse-*.whl .whl/docstring_parser-*.whl .whl/typeshed_client-*.whl \
     .whl/litdata-*.whl .whl/boto3-*.whl .whl/botocore-*.whl .whl/s3transfer-*.whl .whl/jmespath-*.whl || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" . || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$SITE" . || exit 1
   export PYTHONPATH="$SITE" PYTHONSAFEPATH=1  # the installed plugin, not the source folder in the working dir
 fi
 OUT=${OUT:-out/gpu-report}
