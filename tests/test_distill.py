@@ -204,8 +204,8 @@ def test_attention_transfer_under_fsdp_takes_the_same_step(pair, teacher_forcing
 
 
 def test_heldout_loss_scores_every_batch_when_ranks_hold_unequal_shards(pair, tmp_path):
-    """Three FSDP ranks with 2, 1 and 1 of four held-out batches score all four, as one process does (the 4-GPU run
-    scored only the batches every rank had: a perplexity that depended on the GPU count)."""
+    """Three FSDP ranks with 2, 1 and 1 of four held-out batches score all four, as one process does (evaluation used
+    to stop at the shortest shard, so the perplexity depended on the GPU count for loaders with uneven shards)."""
     import torch.multiprocessing as mp
 
     from distill_helpers import CpuFabric, free_port, heldout_batches, sharded_heldout_loss, transfer_setup
