@@ -186,3 +186,25 @@ def transfer_losses(model: torch.nn.Module, tokens: torch.Tensor, teacher_forcin
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+
+
+def validation_split_rows(rank: int, world_size: int, port: int, corpus: str, result: str) -> None:
+    """The held-out rows this rank scores (``whole_split`` of litgpt's TextFiles validation loader, as ``lattice
+    distill`` builds it), written as JSON lists of token ids to ``result`` + rank."""
+    import json
+
+    import torch.distributed as dist
+    from litgpt import Tokenizer
+    from litgpt.data import TextFiles
+
+    from lattice_plugin.distill.evaluation import whole_split
+
+    _init_gloo(rank, world_size, port)
+    try:
+        data = TextFiles(train_data_path=Path(corpus) / "train", val_data_path=Path(corpus) / "val", num_workers=1)
+        data.connect(tokenizer=Tokenizer(Path(corpus) / "tokenizer"), batch_size=4, max_seq_length=31)
+        data.setup()
+        rows = [row.tolist() for batch in whole_split(data.val_dataloader()) for row in batch]
+        Path(f"{result}{rank}").write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()

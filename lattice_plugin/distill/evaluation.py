@@ -32,10 +32,28 @@ def _all_reduce_max(fabric: Any, value: int) -> int:
     return int(tensor.item())
 
 
+def whole_split(loader: Any) -> Any:
+    """``loader`` with every item on exactly one rank. litdata's streaming loaders (litgpt's TextFiles and the other
+    pretraining data modules) drop the items that do not divide evenly among the ranks, so a held-out score would
+    cover a subset that depends on the GPU count; rebuilt without dropping, the shards differ in length by at most
+    a batch, which :func:`heldout_loss` pads. Other loaders are returned as they are."""
+    try:
+        from litdata import StreamingDataLoader, StreamingDataset
+    except ImportError:
+        return loader
+    dataset = getattr(loader, "dataset", None)
+    if not isinstance(loader, StreamingDataLoader) or not isinstance(dataset, StreamingDataset):
+        return loader
+    dataset.set_drop_last(False)
+    return StreamingDataLoader(dataset, batch_size=loader.batch_size, num_workers=loader.num_workers,
+                               pin_memory=loader.pin_memory, drop_last=False)
+
+
 @torch.no_grad()
 def heldout_loss(fabric: Any, model: Any, loader: Any, max_iters: int | None, autocast: bool = True) -> dict[str, float]:
     """Mean next-token cross-entropy over the first ``max_iters`` batches of every rank (None: all), its perplexity
     and the number of tokens scored (all ranks). The result does not depend on the number of ranks."""
+    loader = whole_split(loader)
     count = batch_count(fabric, loader, max_iters)
     was_training = model.training
     model.eval()
