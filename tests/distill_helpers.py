@@ -194,17 +194,23 @@ def validation_split_rows(rank: int, world_size: int, port: int, corpus: str, re
     import json
 
     import torch.distributed as dist
-    from litgpt import Tokenizer
-    from litgpt.data import TextFiles
 
     from lattice_plugin.distill.evaluation import whole_split
 
     _init_gloo(rank, world_size, port)
     try:
-        data = TextFiles(train_data_path=Path(corpus) / "train", val_data_path=Path(corpus) / "val", num_workers=1)
-        data.connect(tokenizer=Tokenizer(Path(corpus) / "tokenizer"), batch_size=4, max_seq_length=31)
-        data.setup()
-        rows = [row.tolist() for batch in whole_split(data.val_dataloader()) for row in batch]
+        rows = [row.tolist() for batch in whole_split(text_files(Path(corpus)).val_dataloader()) for row in batch]
         Path(f"{result}{rank}").write_text(json.dumps(rows))
     finally:
         dist.destroy_process_group()
+
+
+def text_files(corpus: Path):
+    """litgpt's TextFiles data module over ``corpus`` (train/, val/, tokenizer/; prepared by the caller), batches of 4
+    sequences of 31 tokens, as ``lattice distill`` sets it up."""
+    from litgpt import Tokenizer
+    from litgpt.data import TextFiles
+
+    data = TextFiles(train_data_path=corpus / "train", val_data_path=corpus / "val", num_workers=1)
+    data.connect(tokenizer=Tokenizer(corpus / "tokenizer"), batch_size=4, max_seq_length=31)
+    return data

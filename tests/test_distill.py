@@ -225,19 +225,14 @@ def test_heldout_split_is_scored_whole_on_several_ranks(tiny_corpus, tmp_path):
     """litdata's loaders drop the held-out items that do not divide among the ranks; the evaluation's loader gives
     every item to exactly one of 3 ranks: the same rows as one process reads (the 4-GPU report scored 80%)."""
     import torch.multiprocessing as mp
-    from litgpt import Tokenizer
-    from litgpt.data import TextFiles
 
-    from distill_helpers import free_port, validation_split_rows
+    from distill_helpers import free_port, text_files, validation_split_rows
 
-    corpus = tiny_corpus
-    data = TextFiles(train_data_path=corpus / "train", val_data_path=corpus / "val", num_workers=1)
-    data.connect(tokenizer=Tokenizer(corpus / "tokenizer"), batch_size=4, max_seq_length=31)
+    data = text_files(tiny_corpus)
     data.prepare_data()
-    data.setup()
     single = sorted(row.tolist() for row in data.val_dataloader().dataset)  # every item, one process, no batching
     result = tmp_path / "rows"
-    mp.spawn(validation_split_rows, args=(3, free_port(), str(corpus), str(result)), nprocs=3)
+    mp.spawn(validation_split_rows, args=(3, free_port(), str(tiny_corpus), str(result)), nprocs=3)
     shards = [json.loads(Path(f"{result}{rank}").read_text()) for rank in range(3)]
     assert len(single) % (3 * 4)  # rows that do not fill 3 ranks' batches of 4: litdata alone drops some
     assert sorted(row for shard in shards for row in shard) == single

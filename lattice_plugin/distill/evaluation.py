@@ -10,26 +10,15 @@ import torch
 import torch.nn.functional as F
 
 
-def batch_count(fabric: Any, loader: Any, max_iters: int | None) -> int:
-    """Forward passes every rank makes: the largest shard's batch count on all ranks (FSDP forwards are collective;
-    ranks whose shard is shorter pad with forwards that are not scored, so every held-out token counts once)."""
-    try:
-        count = len(loader)
-    except TypeError:
-        count = max_iters if max_iters is not None else 0
-    if max_iters is not None:
-        count = min(count, max_iters)
-    if fabric.world_size > 1:
-        count = _all_reduce_max(fabric, count)
-    return count
-
-
-def _all_reduce_max(fabric: Any, value: int) -> int:
+def _any_rank(fabric: Any, flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (every rank gets the same answer)."""
+    if fabric.world_size == 1:
+        return flag
     import torch.distributed as dist
 
-    tensor = torch.tensor(value, device=fabric.device)
+    tensor = torch.tensor(int(flag), device=fabric.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    return bool(tensor.item())
 
 
 def whole_split(loader: Any) -> Any:
@@ -54,16 +43,21 @@ def heldout_loss(fabric: Any, model: Any, loader: Any, max_iters: int | None, au
     """Mean next-token cross-entropy over the first ``max_iters`` batches of every rank (None: all), its perplexity
     and the number of tokens scored (all ranks). The result does not depend on the number of ranks."""
     loader = whole_split(loader)
-    count = batch_count(fabric, loader, max_iters)
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=fabric.device, dtype=torch.float64)
     tokens = torch.zeros((), device=fabric.device, dtype=torch.float64)
     iterator = iter(loader)
-    for _ in range(count):
-        batch = next(iterator, None)
+    steps = 0
+    # every rank steps until no rank has a batch left (FSDP forwards are collective): a rank whose shard is done pads
+    # with a forward that is not scored, so each held-out token counts once whatever the shards' lengths
+    while True:
+        batch = next(iterator, None) if max_iters is None or steps < max_iters else None
         scored = batch is not None
-        if not scored:  # this rank's shard is done: a forward the other ranks' collectives wait for, not scored
+        if not _any_rank(fabric, scored):
+            break
+        steps += 1
+        if not scored:
             batch = torch.zeros(1, 2, dtype=torch.long)
         batch = batch.to(fabric.device)
         inputs, targets = batch[:, :-1].long(), batch[:, 1:].long()
@@ -80,7 +74,7 @@ def heldout_loss(fabric: Any, model: Any, loader: Any, max_iters: int | None, au
         stats = fabric.all_reduce(stats, reduce_op="sum")
     model.train(was_training)
     loss = (stats[0] / stats[1].clamp(min=1)).item()
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(stats[1].item()), "batches": count}
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(stats[1].item()), "batches": steps}
 
 
 def cache_bytes_at(config: Any, lengths: list[int], dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
