@@ -5,7 +5,8 @@ twice), compared with the first copy on the timed inputs, and profiled per kerne
 KCMP_VERSIONS lists the copies as ``name=path`` pairs separated by commas; a path may end with ``:ATTR=VALUE;...``
 to set module attributes of that copy (e.g. ``v6_scan4=k.py:SCAN_WARPS=4``; the same path twice is one build).
 The first copy is the baseline of the agreement check. KCMP_CHECK (comma-separated names, default all) picks the
-copies checked against the float64 reference (``-``: none), KCMP_CASES (indices into CASES) the cases.
+copies checked against the float64 reference (``-``: none), KCMP_CASES (indices into CASES) the cases, KCMP_SHAPES
+the timed shapes (``16x2048,1x32768`` by default).
 KCMP_BUDGET_S: skip chunk_gla (KCMP_GLA=1) past this wall time.
 
 Correctness: fresh random inputs; outputs, final state and the gradients of q, k, v, beta and s0 / initial_state;
@@ -45,6 +46,8 @@ CASES = [  # name, B, T, Hq, H, m, d, dtype, gates, orthogonal, normalize, per-b
 if os.environ.get("KCMP_CASES"):  # a subset of the cases, by index
     CASES = [CASES[int(i)] for i in os.environ["KCMP_CASES"].split(",")]
 SHAPES = [(16, 2048), (1, 32768)]
+if os.environ.get("KCMP_SHAPES"):  # BxT,BxT,...
+    SHAPES = [tuple(int(n) for n in shape.split("x")) for shape in os.environ["KCMP_SHAPES"].split(",")]
 HEADS, M, D = 16, 64, 128
 if DRY:
     CASES = [(c[0], 1, 19 + 16 * i, 2 * (c[3] // c[4]), 2, 16, 16, *c[7:]) for i, c in enumerate(CASES)]

@@ -41,15 +41,21 @@ import triton.language as tl
 
 BC = 16  # tokens per sub-chunk of the sweeps (tl.dot needs >= 16)
 CS_EXACT = 64  # tokens between stored states for gates="exact" (a free choice: the math does not depend on it)
-BM_SCAN = 16  # slots per program of the sequential sweeps
 BV_READ = 128  # value columns per program of the read pass (64 when m > 64): the gates are computed per program
 BV_DV = 128  # value columns per program of the dv pass (64 when m > 64): the gates and M_q are computed per program
 PAR_WARPS = 4  # warps per program of the parallel passes (read, dq, dv; 8 measured slower, bench/NOTES.md 6b)
 BK_DQ = 64  # slots per program of the dq pass
-# warps per forward-sweep program for 16-bit inputs (bench/NOTES.md, version 6); float32 inputs use SCAN_WARPS:
-# their full-precision matmuls spill ~1 KB at 1 warp, none at 2
+# The sequential sweeps (bench/NOTES.md, versions 6 and 8). 16-bit inputs: one warp per program (layout changes then
+# need no barrier between warps); the reverse sweep on BM_SCAN_SPLIT slots per program (fewer live registers at one
+# warp, twice the programs at small batch); the forward sweep too while BM_SCAN-slot programs would leave SMs idle
+# (at most FWD_SPLIT_PER_SM per SM), else on BM_SCAN (split, it repeats its loads and loses at B=16).
+# float32 inputs: BM_SCAN slots on SCAN_WARPS warps (their full-precision matmuls spill ~1 KB at one warp).
+BM_SCAN = 16
+BM_SCAN_SPLIT = 8
+FWD_SPLIT_PER_SM = 2
 FWD_SCAN_WARPS = 1
-SCAN_WARPS = 2  # warps per program of the reverse sweep (bench/NOTES.md, versions 3 and 4; 1 warp not measured)
+BWD_SCAN_WARPS = 1
+SCAN_WARPS = 2
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # no inline PTX (prefetch hints) there
 
 
@@ -327,11 +333,12 @@ def _fwd_scan_kernel(
     dependent chain; each token's Gram row is a few uniform vector loads), then ``S <- S diag(A) + V^T W``
     (a matmul). ``T`` is a multiple of ``BCC`` (the wrapper pads with identity tokens).
 
-    With 64 programs (B=1) the sweep is latency-bound. For 16-bit inputs it runs at one warp (FWD_SCAN_WARPS): the
+    At small batch the sweep is latency-bound. For 16-bit inputs it runs at one warp (FWD_SCAN_WARPS): the
     layout changes then need no barrier between warps (9 instead of 25 per sub-chunk): 1.7x faster than v5 (two
-    warps) at B=1 and 2.4x at B=16 (bench/NOTES.md, version 6). The V, k and beta tiles of sub-chunk i+1 are
-    loaded during sub-chunk i and its Gram rows prefetched into L1: at two warps that gained nothing (the loads
-    were not the cost), and the one-warp timing was taken with it."""
+    warps) at B=1 and 2.4x at B=16 (bench/NOTES.md, version 6); on 8-slot blocks where 16-slot ones leave SMs idle
+    (version 8: 7.3 -> 5.0 ms at B=1, T=32768). The V, k and beta tiles of sub-chunk i+1 are loaded during
+    sub-chunk i and its Gram rows prefetched into L1: at two warps that gained nothing (the loads were not the
+    cost), and the one-warp timing was taken with it."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_m = i_m * BM + tl.arange(0, BM)
@@ -664,7 +671,8 @@ def _bwd_scan_kernel(
     :func:`_row_prefix` vector loads (v4: one scalar load per entry, 311 per sub-chunk); ``gamma`` is one
     ``beta * k`` tile product; the ``c``, ``gamma`` and ``q`` tiles pass :func:`_opaque` before their unpack.
     Version 6: every tile of the next sub-chunk read (replay or sweep) is prefetched into L1 (:func:`_prefetch_sub`),
-    27.2 -> 21.9 ms at B=1, T=32768 on an H100."""
+    27.2 -> 21.9 ms at B=1, T=32768 on an H100. Version 8: 16-bit inputs run 8-slot blocks at one warp (16 slots at
+    one warp spill ~600 B of stack and lose at B=1): 22.2 -> 19.5 ms at B=1, the same at B=16."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     G: tl.constexpr = HQ // H
@@ -995,6 +1003,11 @@ def _sub_gram(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; the interpreter's CPU counts as one."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 class _Setup:
     """Shapes and compile-time switches shared by the forward and the backward."""
 
@@ -1004,7 +1017,13 @@ class _Setup:
         self.CS = CS_EXACT if exact else chunk_size
         self.NC = triton.cdiv(self.T, self.CS)
         self.BD, self.BK = _pow2(self.D), _pow2(self.M)
-        self.BM = min(BM_SCAN, self.BK)
+        sixteen_bit = q.dtype != torch.float32
+        full_grid = self.B * self.H * triton.cdiv(self.M, BM_SCAN)
+        split_fwd = sixteen_bit and full_grid <= FWD_SPLIT_PER_SM * _sm_count(q.device)
+        self.bm_fwd = BM_SCAN_SPLIT if split_fwd else BM_SCAN
+        self.bm_bwd = BM_SCAN_SPLIT if sixteen_bit else BM_SCAN
+        self.warps_fwd = FWD_SCAN_WARPS if sixteen_bit else SCAN_WARPS
+        self.warps_bwd = BWD_SCAN_WARPS if sixteen_bit else SCAN_WARPS
         self.flags = dict(ORTHOGONAL=orthogonal, NORMALIZE=normalize, TRACK_NS=orthogonal and not normalize)
         self.exact = exact
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -1025,12 +1044,11 @@ def lattice_fwd(q, k, v, beta, state, setup: _Setup):
     ns = s.new(s.B, s.T, s.H, s.M, like=q) if s.flags["TRACK_NS"] else c
     states = s.new(s.B, s.H, s.NC, s.D, s.M, like=q)
     final = s.new(s.B, s.H, s.D, s.M, like=q)
-    n_mb = triton.cdiv(s.M, s.BM)
-    scratch = s.new(s.B * s.H * n_mb * s.BD * s.BM, like=q) if not s.exact else c
+    n_mb = triton.cdiv(s.M, s.bm_fwd)
+    scratch = s.new(s.B * s.H * n_mb * s.BD * s.bm_fwd, like=q) if not s.exact else c
     _fwd_scan_kernel[(n_mb, s.B * s.H)](
         k, v, beta, state, gram, c, ns, states, final, scratch, s.T, s.NC,
-        s.H, s.M, s.D, BC, s.CS, s.BM, s.BD, s.exact, PREC=s.prec, **s.flags,
-        num_warps=FWD_SCAN_WARPS if s.prec == "tf32" else SCAN_WARPS,
+        s.H, s.M, s.D, BC, s.CS, s.bm_fwd, s.BD, s.exact, PREC=s.prec, **s.flags, num_warps=s.warps_fwd,
     )
     o = torch.empty(s.B, s.T, s.HQ, s.D, device=q.device, dtype=q.dtype)
     bv = s.read_bv()
@@ -1051,13 +1069,13 @@ def lattice_bwd(do, d_final, q, k, v, beta, saved, setup: _Setup):
     dvv = torch.empty_like(dc)
     g_end = torch.empty_like(states)
     d_init = s.new(s.B, s.H, s.D, s.M, like=q)
-    n_mb = triton.cdiv(s.M, s.BM)
-    scratch = s.new(s.B * s.H * n_mb * (s.CS // BC) * s.BD * s.BM, like=q)
+    n_mb = triton.cdiv(s.M, s.bm_bwd)
+    scratch = s.new(s.B * s.H * n_mb * (s.CS // BC) * s.BD * s.bm_bwd, like=q)
     _bwd_scan_kernel[(n_mb, s.B * s.H)](
         q, do, k, v, beta, gram, hgram, c, ns, states, d_final if d_final is not None else dc, scratch,
         dc, dgamma, dvv, g_end, d_init, s.T, s.NC,
-        s.HQ, s.H, s.M, s.D, BC, s.CS, s.BM, s.BD, s.exact, HAS_DFINAL=d_final is not None, PREC=s.prec,
-        **s.flags, num_warps=SCAN_WARPS,
+        s.HQ, s.H, s.M, s.D, BC, s.CS, s.bm_bwd, s.BD, s.exact, HAS_DFINAL=d_final is not None, PREC=s.prec,
+        **s.flags, num_warps=s.warps_bwd,
     )
     dq = torch.empty_like(q)
     bk = min(BK_DQ, s.BK)

@@ -25,6 +25,7 @@ from lattice_plugin.kernels.chunk import chunk_lattice  # noqa: E402
 from lattice_plugin.kernels.gates import normalize_slots  # noqa: E402
 from lattice_plugin.kernels.recurrent import recurrent_lattice, recurrent_step  # noqa: E402
 from lattice_plugin.kernels.triton_chunk import chunk_lattice_triton  # noqa: E402
+from lattice_plugin.kernels import triton_chunk  # noqa: E402  (after it: the freshly imported module)
 from lattice_plugin.kernels.triton_step import lattice_step_triton  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -139,8 +140,16 @@ def test_chunk_gates_float32(chunk_size, orthogonal, normalize):
 
 
 @pytest.mark.parametrize("gates", ["exact", "chunk"])
-def test_bfloat16(gates):
-    check(run_both(torch.bfloat16, (1, 33, 2, 1, 16, 16), gates=gates, chunk_size=32), torch.bfloat16)
+@pytest.mark.parametrize("split_forward", [True, False])
+def test_bfloat16(gates, split_forward, monkeypatch):
+    """16-bit inputs take their own sweep blocking: 8-slot reverse sweeps (m=20: a ragged third block), forward
+    sweeps on 8 or 16 slots depending on the grid, both forced here."""
+    monkeypatch.setattr(triton_chunk, "FWD_SPLIT_PER_SM", 10**6 if split_forward else 0)
+    shape = (1, 33, 2, 1, 20, 24)
+    q, v = torch.empty(*shape[:3], shape[4], dtype=torch.bfloat16), torch.empty(*shape[:2], *shape[3:4], shape[5])
+    blocks = triton_chunk._Setup(q, v, chunk_size=32, exact=gates == "exact", orthogonal=True, normalize=True)
+    assert (blocks.bm_fwd, blocks.bm_bwd) == (8 if split_forward else 16, 8)
+    check(run_both(torch.bfloat16, shape, gates=gates, chunk_size=32), torch.bfloat16)
 
 
 def test_chunk_gates_reject_unaligned_chunk():
