@@ -172,28 +172,38 @@ def _split_all(t):
     return out
 
 
+@triton.constexpr_function
+def _bits_reversed(j, bits):
+    """Where :func:`_split_bits`'s splits leave slice ``j``: its ``bits`` bits in reverse order."""
+    return int(format(j, f"0{bits}b")[::-1], 2)
+
+
+@triton.jit
+def _split_bits(x, BITS: tl.constexpr):
+    """The ``2**BITS`` slices of ``x`` along its last ``BITS`` dimensions (each of size 2) as a tuple in index order
+    (the first of those dimensions is the high bit): register splits only, no data crosses lanes."""
+    t = (x,)
+    for i in tl.static_range(BITS):
+        t = _split_all(t)
+    out = ()
+    for j in tl.static_range(1 << BITS):
+        out = out + (t[_bits_reversed(j, BITS)],)
+    return out
+
+
 @triton.jit
 def _unpack_rows(X):
     """The 16 rows of a ``[16, BM]`` tile as a tuple of ``[BM]`` vectors, each thread keeping its slots' values:
     one layout change per tile, after which picking a token's row costs nothing."""
     BM: tl.constexpr = X.shape[1]
-    t = (tl.reshape(tl.trans(X), [BM, 2, 2, 2, 2]),)
-    t = _split_all(_split_all(_split_all(_split_all(t))))  # tuple index = token index with its 4 bits reversed
-    rows = ()
-    for j in tl.static_range(16):
-        rows = rows + (t[(j % 2) * 8 + (j // 2 % 2) * 4 + (j // 4 % 2) * 2 + j // 8],)
-    return rows
+    return _split_bits(tl.reshape(tl.trans(X), [BM, 2, 2, 2, 2]), 4)
 
 
 @triton.jit
 def _scalars(x):
     """A 16-element tensor (a value per token, the same for every slot: ``beta``, a Gram row) as a tuple of 16 scalars
     that every thread holds: one small layout change, then nothing crosses lanes."""
-    t = _split_all(_split_all(_split_all(_split_all((tl.reshape(x, [2, 2, 2, 2]),)))))
-    out = ()
-    for j in tl.static_range(16):
-        out = out + (t[(j % 2) * 8 + (j // 2 % 2) * 4 + (j // 4 % 2) * 2 + j // 8],)
-    return out
+    return _split_bits(tl.reshape(x, [2, 2, 2, 2]), 4)
 
 
 @triton.jit
@@ -205,15 +215,9 @@ def _uniform_row(p, N: tl.constexpr):
     if N == 16:
         out = _scalars(x)
     elif N == 8:
-        t = _split_all(_split_all(_split_all((tl.reshape(x, [2, 2, 2]),))))
-        out = ()
-        for j in tl.static_range(8):
-            out = out + (t[(j % 2) * 4 + (j // 2 % 2) * 2 + j // 4],)
+        out = _split_bits(tl.reshape(x, [2, 2, 2]), 3)
     else:
-        t = _split_all(_split_all((tl.reshape(x, [2, 2]),)))
-        out = ()
-        for j in tl.static_range(4):
-            out = out + (t[(j % 2) * 2 + j // 2],)
+        out = _split_bits(tl.reshape(x, [2, 2]), 2)
     return out
 
 
@@ -1017,7 +1021,8 @@ class _Setup:
         self.CS = CS_EXACT if exact else chunk_size
         self.NC = triton.cdiv(self.T, self.CS)
         self.BD, self.BK = _pow2(self.D), _pow2(self.M)
-        sixteen_bit = q.dtype != torch.float32
+        self.prec = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 matmuls for 16-bit inputs
+        sixteen_bit = self.prec == "tf32"
         full_grid = self.B * self.H * triton.cdiv(self.M, BM_SCAN)
         split_fwd = sixteen_bit and full_grid <= FWD_SPLIT_PER_SM * _sm_count(q.device)
         self.bm_fwd = BM_SCAN_SPLIT if split_fwd else BM_SCAN
@@ -1026,7 +1031,6 @@ class _Setup:
         self.warps_bwd = BWD_SCAN_WARPS if sixteen_bit else SCAN_WARPS
         self.flags = dict(ORTHOGONAL=orthogonal, NORMALIZE=normalize, TRACK_NS=orthogonal and not normalize)
         self.exact = exact
-        self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
 
     def read_bv(self) -> int:
         """Value columns per program of the read pass: all of them up to 128 (m <= 64), else 64."""

@@ -155,14 +155,17 @@ def bench_decode(contexts, *, batch=8, q_heads=32, kv_heads=8, head_dim=128, slo
         for ctx in contexts:  # the state's size does not depend on the context: each context is timed anyway
             with torch.no_grad():
                 ms, eager = _per_step_ms(lambda: lattice_step(q, k, v, beta, state, inplace=True), rep_ms=rep_ms)
-            rows.append(dict(method="lattice_step", m=m, context=ctx, ms=ms, eager_ms=eager, cache_bytes=state.numel() * 4))
+            rows.append(dict(method="lattice_step", m=m, context=ctx, ms=ms, eager_ms=eager,
+                             cache_bytes=state.numel() * 4))
             print(f"{'lattice_step':>22} m={m:>4} ctx={ctx:>7}  {ms * 1000:8.1f} us  (eager {eager * 1000:.1f} us)",
                   flush=True)
     q = torch.randn(batch, q_heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
     for ctx in contexts:
         kv = torch.randn(2, batch, kv_heads, ctx, head_dim, device="cuda", dtype=torch.bfloat16)
-        ms, eager = _per_step_ms(lambda: F.scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True), rep_ms=rep_ms)
-        rows.append(dict(method="sdpa_kv_cache", m=None, context=ctx, ms=ms, eager_ms=eager, cache_bytes=kv.numel() * 2))
+        ms, eager = _per_step_ms(lambda: F.scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True),
+                                 rep_ms=rep_ms)
+        rows.append(dict(method="sdpa_kv_cache", m=None, context=ctx, ms=ms, eager_ms=eager,
+                         cache_bytes=kv.numel() * 2))
         print(f"{'sdpa_kv_cache':>22}          ctx={ctx:>7}  {ms * 1000:8.1f} us  (eager {eager * 1000:.1f} us)",
               flush=True)
         del kv
