@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +18,6 @@ import pytest
 
 from distill_helpers import free_port
 from eval_helpers import make_checkpoint, make_tokenizer
-
-pytest.importorskip("litserve")
 
 LATTICE = [sys.executable, "-m", "lattice_plugin"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -93,7 +92,7 @@ def lattice_serve(checkpoint: Path, log_path: Path, *flags: str) -> Iterator[str
         deadline = time.monotonic() + STARTUP_S
         while True:
             assert process.poll() is None, f"lattice serve exited:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"lattice serve not ready in {STARTUP_S} s:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"not ready in {STARTUP_S} s:\n{log_path.read_text()[-3000:]}"
             with suppress(OSError):
                 with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
                     if response.status == 200:
@@ -149,13 +148,24 @@ def test_litgpt_spec_serves_hybrid(checkpoints, tmp_path):
     assert served == expected + expected[:1]
 
 
+def _missing_directory(checkpoint: Path, tmp_path: Path) -> list:
+    return [tmp_path / "missing"]
+
+
+def _bad_config(checkpoint: Path, tmp_path: Path) -> list:
+    broken = Path(shutil.copytree(checkpoint, tmp_path / "broken"))
+    with open(broken / "model_config.yaml", "a") as config:
+        config.write("lattice_slots: 0\n")
+    return [broken]
+
+
+def _several_devices(checkpoint: Path, tmp_path: Path) -> list:
+    return [checkpoint, "--devices", "2"]
+
+
 @pytest.mark.parametrize(
     "make_args, message",
-    [
-        (lambda checkpoint, tmp: [tmp / "missing"], "does not exist"),
-        (lambda checkpoint, tmp: [checkpoint, "--devices", "2"], "one device"),
-    ],
-    ids=["missing-directory", "several-devices"],
+    [(_missing_directory, "does not exist"), (_bad_config, "lattice_slots"), (_several_devices, "one device")],
 )
 def test_bad_input_is_one_line(checkpoints, tmp_path, make_args, message):
     result = subprocess.run(
