@@ -115,7 +115,8 @@ MERGE_LORA_USERS = ("litgpt.scripts.merge_lora", "litgpt.finetune.lora", "litgpt
 def patch_llm_api() -> None:
     """Make litgpt's Python API load Lattice checkpoints: ``litgpt.api.LLM.load`` (which litgpt's server uses) and
     ``LLM.distribute`` build ``GPT`` / ``Config`` from ``litgpt.api``'s globals and read ``lit_model.pth`` through
-    its ``load_checkpoint``. ``LLM.generate`` runs litgpt's own decode loops on the model built here."""
+    its ``load_checkpoint``. (Its multi-device strategies and ``trainer_setup`` still ``torch.load`` a
+    ``lit_model.pth``: ``lattice serve`` keeps to one device.)"""
     import litgpt.api
 
     litgpt.api.GPT, litgpt.api.Config = LatticeGPT, LatticeConfig
