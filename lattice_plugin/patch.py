@@ -112,6 +112,17 @@ def merge_lora(
 MERGE_LORA_USERS = ("litgpt.scripts.merge_lora", "litgpt.finetune.lora", "litgpt.chat.base")
 
 
+def patch_llm_api() -> None:
+    """Make litgpt's Python API load Lattice checkpoints: ``litgpt.api.LLM.load`` (which litgpt's server uses) and
+    ``LLM.distribute`` build ``GPT`` / ``Config`` from ``litgpt.api``'s globals and read ``lit_model.pth`` through
+    its ``load_checkpoint``. (Its multi-device strategies and ``trainer_setup`` still ``torch.load`` a
+    ``lit_model.pth``: ``lattice serve`` keeps to one device.)"""
+    import litgpt.api
+
+    litgpt.api.GPT, litgpt.api.Config = LatticeGPT, LatticeConfig
+    litgpt.api.load_checkpoint = load_checkpoint
+
+
 def patch_litgpt() -> None:
     """Rebind litgpt's script globals to the Lattice classes (idempotent)."""
     global _litgpt_check_valid_checkpoint_dir
@@ -135,6 +146,7 @@ def patch_litgpt() -> None:
         sys.modules["litgpt.__main__"].PARSER_DATA["merge_lora"] = merge_lora
     pretrain = importlib.import_module("litgpt.pretrain")
     pretrain.setup.__annotations__["model_config"] = Optional[LatticeConfig]
+    patch_llm_api()
 
 
 def is_patched() -> bool:
