@@ -1,0 +1,297 @@
+"""``lattice recall mqar``: multi-query associative recall accuracy of every mixer, per number of pairs K, slot count
+m, learning rate and seed, one resumable row each; the summary takes the best learning rate per setting.
+
+Validity: a setting (K, sequence length, steps) in which softmax attention, the upper bound, stays below
+``VALID_ATTENTION`` accuracy at every learning rate did not train long enough or well enough; the summary marks it
+invalid instead of reporting the other mixers against it.
+"""
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lattice_plugin.checkpoint import atomic_write
+from lattice_plugin.errors import LatticeError
+from lattice_plugin.recall.mixers import (
+    MIXERS,
+    Mixer,
+    ModelShape,
+    build_model,
+    state_numbers_per_head,
+    unavailable_reason,
+)
+from lattice_plugin.recall.results import ResultsFile, device_info, pyplot, write_png
+from lattice_plugin.recall.task import IGNORE, check_mqar, mqar_batch
+from lattice_plugin.recall.training import Schedule, autocast, train
+
+VALID_ATTENTION = 0.99
+EXPERIMENT = "mqar"
+
+
+@dataclass
+class MQARSettings:
+    """Defaults follow Zoology's MQAR setup (vocabulary 8192, 2 layers, width 128, AdamW with weight decay 0.1, a
+    learning-rate sweep), with fresh sequences every step instead of a fixed training set."""
+
+    pairs: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    seq_len: int | None = None
+    """Tokens per sequence; None: ``max(256, 4 K)`` (256 for K <= 64, 512 for K = 128)."""
+    slots: list[int] = field(default_factory=lambda: [64])
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 6000
+    batch_size: int = 64
+    vocab_size: int = 8192
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 2
+    intermediate_size: int = 256
+    chunk_size: int = 64
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.1
+    eval_examples: int = 1024
+    eval_every: int = 1000
+    stop_at: float | None = None
+    """End a run early once its accuracy on the held-out sequences reaches this (None: always train every step)."""
+
+    def length(self, pairs: int) -> int:
+        return self.seq_len if self.seq_len is not None else max(256, 4 * pairs)
+
+    def check(self) -> None:
+        for pairs in self.pairs:
+            check_mqar(self.vocab_size, pairs, self.length(pairs))
+        positive = dict(steps=self.steps, batch_size=self.batch_size, eval_examples=self.eval_examples,
+                        n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head)
+        bad = [name for name, value in positive.items() if value < 1]
+        bad += [f"m={m}" for m in self.slots if m < 1] + [f"lr={lr}" for lr in self.lrs if not lr > 0]
+        if bad or not (self.pairs and self.slots and self.lrs and self.seeds):
+            raise LatticeError(f"invalid MQAR setting: {', '.join(bad) or 'an empty list of K, m, lr or seeds'}")
+
+
+def row_key(mixer: Mixer, pairs: int, slots: int | None, lr: float, seed: int, s: MQARSettings) -> dict[str, Any]:
+    return dict(
+        mixer=mixer.name, K=pairs, T=s.length(pairs), m=slots, lr=lr, seed=seed, steps=s.steps,
+        batch_size=s.batch_size, vocab_size=s.vocab_size, n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head,
+        intermediate_size=s.intermediate_size, chunk_size=s.chunk_size, warmup_fraction=s.warmup_fraction,
+        weight_decay=s.weight_decay, eval_examples=s.eval_examples, stop_at=s.stop_at,
+    )
+
+
+def planned_rows(mixers: list[Mixer], s: MQARSettings) -> list[tuple[Mixer, int, int | None, float, int]]:
+    """Every (mixer, K, m, lr, seed) of the run, mixer by mixer; m is None for attention (no fixed state)."""
+    return [
+        (mixer, pairs, slots, lr, seed)
+        for mixer in mixers
+        for pairs in s.pairs
+        for slots in (s.slots if mixer.has_state else [None])
+        for lr in s.lrs
+        for seed in s.seeds
+    ]
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, test: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+    """Fraction of queried values predicted exactly (argmax at the query positions) over the held-out batches."""
+    model.eval()
+    correct = total = 0
+    for inputs, targets in test:
+        with autocast(device):
+            logits = model(inputs)
+        mask = targets != IGNORE
+        correct += (logits.argmax(-1)[mask] == targets[mask]).sum().item()
+        total += mask.sum().item()
+    return correct / total
+
+
+def held_out(s: MQARSettings, pairs: int, seed: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The evaluation sequences: drawn from their own generator, never from the training stream."""
+    generator = torch.Generator(device).manual_seed(1_000_003 + 7919 * seed + pairs)
+    batches, left = [], s.eval_examples
+    while left > 0:
+        batch = mqar_batch(min(left, s.batch_size), pairs, s.length(pairs), s.vocab_size, generator, device)
+        batches.append((batch.inputs, batch.targets))
+        left -= batch.inputs.shape[0]
+    return batches
+
+
+def run_row(mixer: Mixer, pairs: int, slots: int | None, lr: float, seed: int, s: MQARSettings,
+            device: torch.device, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Train one model and measure it; a failure inside the mixer (e.g. a kernel that refuses this GPU) becomes a
+    row that says so."""
+    T = s.length(pairs)
+    shape = ModelShape(s.vocab_size, T, s.n_layer, s.n_embd, s.n_head, s.intermediate_size,
+                       slots if slots is not None else s.n_embd // s.n_head, s.chunk_size)
+    torch.manual_seed(seed)
+    model = build_model(mixer, shape).to(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    test = held_out(s, pairs, seed, device)
+    schedule = Schedule(lr=lr, steps=s.steps, warmup_fraction=s.warmup_fraction, weight_decay=s.weight_decay)
+
+    def next_batch(step: int):
+        batch = mqar_batch(s.batch_size, pairs, T, s.vocab_size, generator, device)
+        return batch.inputs, batch.targets
+
+    label = f"{mixer.name} K={pairs} T={T} m={slots} lr={lr:g} seed={seed}"
+    row: dict[str, Any] = dict(
+        parameters=sum(p.numel() for p in model.parameters()),
+        state_per_head=state_numbers_per_head(mixer, shape),
+    )
+    try:
+        run = train(model, next_batch, schedule, device, evaluate=lambda: accuracy(model, test, device),
+                    eval_every=s.eval_every, stop_at=s.stop_at, echo=echo, label=label)
+        row.update(accuracy=accuracy(model, test, device), **run)
+    except (RuntimeError, NotImplementedError, AssertionError, ValueError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        row.update(accuracy=None, error=f"{type(error).__name__}: {message}"[:400])
+        echo(f"{label}: not measured: {row['error']}")
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_mqar(
+    mixers: list[Mixer],
+    settings: MQARSettings,
+    results_path: Path,
+    *,
+    device: torch.device,
+    budget_s: float | None = None,
+    retry_errors: bool = False,
+    echo: Callable[[str], None] = print,
+) -> ResultsFile:
+    """Run every planned row not yet in ``results_path``; stop before a row that would overrun ``budget_s``
+    (estimated from the longest row so far). The summary JSON, markdown and PNG are rewritten after every row."""
+    settings.check()
+    results = ResultsFile(results_path, EXPERIMENT)
+    started, longest = time.perf_counter(), 0.0
+    info = device_info(device)
+    skipped_mixers = set()
+    for mixer, pairs, slots, lr, seed in planned_rows(mixers, settings):
+        reason = unavailable_reason(mixer)
+        if reason:
+            if mixer.name not in skipped_mixers:
+                echo(f"skipping {mixer.name}: {reason}")
+                skipped_mixers.add(mixer.name)
+            continue
+        key = row_key(mixer, pairs, slots, lr, seed, settings)
+        done = results.find(key)
+        if done is not None and not (retry_errors and done.get("error")):
+            continue
+        elapsed = time.perf_counter() - started
+        if budget_s is not None and elapsed + longest > budget_s:
+            echo(f"stopping: the next row would overrun the budget of {budget_s:.0f} s (rows take up to {longest:.0f} s); "
+                 "run the same command again to continue")
+            break
+        row_started = time.perf_counter()
+        row = run_row(mixer, pairs, slots, lr, seed, settings, device, echo)
+        row_seconds = time.perf_counter() - row_started
+        longest = max(longest, row_seconds)
+        results.add(dict(key=key, **row, wall_seconds=round(row_seconds, 1), **info))
+        write_summary(results, results_path)
+        echo(f"row done: {key['mixer']} K={pairs} m={slots} lr={lr:g} seed={seed}: accuracy "
+             f"{row['accuracy'] if row['accuracy'] is None else round(row['accuracy'], 4)} ({row_seconds:.0f} s)")
+    write_summary(results, results_path)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best learning rate per (mixer, K, T, m, steps): mean accuracy over seeds; which settings are valid."""
+    groups: dict[tuple, dict[float, list[float]]] = {}
+    errors: dict[tuple, str] = {}
+    for row in rows:
+        key = row["key"]
+        setting = (key["mixer"], key["K"], key["T"], key["m"], key["steps"])
+        if row.get("accuracy") is None:
+            errors[setting] = row.get("error", "not measured")
+            continue
+        groups.setdefault(setting, {}).setdefault(key["lr"], []).append(row["accuracy"])
+    best = []
+    for (mixer, K, T, m, steps), by_lr in sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))):
+        means = {lr: sum(v) / len(v) for lr, v in by_lr.items()}
+        lr = max(means, key=means.get)
+        best.append(dict(mixer=mixer, K=K, T=T, m=m, steps=steps, lr=lr, accuracy=means[lr],
+                         seeds=len(by_lr[lr]), lrs_tried=sorted(means)))
+    attention = {(b["K"], b["T"], b["steps"]): b["accuracy"] for b in best if b["mixer"] == "attention"}
+    valid = {f"K={K},T={T},steps={steps}": acc >= VALID_ATTENTION for (K, T, steps), acc in attention.items()}
+    for b in best:
+        b["valid"] = valid.get(f"K={b['K']},T={b['T']},steps={b['steps']}")
+    not_measured = [dict(mixer=s[0], K=s[1], T=s[2], m=s[3], steps=s[4], reason=r)
+                    for s, r in errors.items() if s not in groups]
+    return dict(valid_attention_threshold=VALID_ATTENTION, validity=valid, best=best, not_measured=not_measured)
+
+
+def markdown(summary: dict[str, Any], devices: list[str]) -> str:
+    """Accuracy table: one line per mixer (and m), one column per K; invalid settings and failures say so."""
+    best, missing = summary["best"], summary["not_measured"]
+    columns = sorted({(b["K"], b["T"], b["steps"]) for b in best + missing})
+    lines_of = sorted({(b["mixer"], b["m"]) for b in best + missing}, key=lambda x: (list(MIXERS).index(x[0])
+                      if x[0] in MIXERS else 99, x[1] or 0))
+    header = "| mixer | m | " + " | ".join(f"K={K}, T={T}, {steps} steps" for K, T, steps in columns) + " |"
+    out = [f"MQAR accuracy, best learning rate (device: {', '.join(devices) or 'none'}; attention below "
+           f"{summary['valid_attention_threshold']:.0%} marks the column invalid)", "", header,
+           "|" + "---|" * (len(columns) + 2)]
+    for mixer, m in lines_of:
+        cells = []
+        for K, T, steps in columns:
+            hit = [b for b in best if (b["mixer"], b["m"], b["K"], b["T"], b["steps"]) == (mixer, m, K, T, steps)]
+            miss = [x for x in missing if (x["mixer"], x["m"], x["K"], x["T"], x["steps"]) == (mixer, m, K, T, steps)]
+            if hit:
+                b = hit[0]
+                flag = "" if b["valid"] else (" (invalid)" if b["valid"] is False else " (no attention row)")
+                cells.append(f"{b['accuracy']:.3f} @ lr {b['lr']:g}{flag}")
+            else:
+                cells.append("not measured" if miss else "pending")
+        out.append(f"| {mixer} | {m if m is not None else '-'} | " + " | ".join(cells) + " |")
+    for x in missing:
+        out.append(f"\n- {x['mixer']} K={x['K']} m={x['m']}: not measured: {x['reason']}")
+    return "\n".join(out) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path, title: str) -> None:
+    """Accuracy vs K per mixer (at the most common m), and accuracy vs m per K for the Lattice variants."""
+    plt = pyplot()
+    if plt is None or not summary["best"]:
+        return
+    best = summary["best"]
+    ms = [b["m"] for b in best if b["m"] is not None]
+    main_m = max(set(ms), key=ms.count) if ms else None
+    figure, (by_k, by_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mixer in [name for name in MIXERS if any(b["mixer"] == name for b in best)]:
+        points = sorted((b["K"], b["accuracy"], b["valid"]) for b in best if b["mixer"] == mixer
+                        and b["m"] in (main_m, None))
+        if points:
+            by_k.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=mixer)
+            by_k.scatter([p[0] for p in points if p[2] is False], [p[1] for p in points if p[2] is False],
+                         marker="x", color="black", zorder=3)
+    by_k.set(xscale="log", xlabel="key-value pairs K", ylabel="accuracy (best lr)", ylim=(-0.02, 1.02),
+             title=f"MQAR, m = {main_m} (x: attention < {VALID_ATTENTION:.0%}, invalid)")
+    by_k.legend(fontsize=7)
+    for mixer in [name for name in MIXERS if MIXERS[name].lattice is not None]:
+        for K in sorted({b["K"] for b in best}):
+            points = sorted((b["m"], b["accuracy"]) for b in best if b["mixer"] == mixer and b["K"] == K)
+            if len(points) > 1:
+                by_m.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{mixer} K={K}")
+    by_m.set(xscale="log", xlabel="slots m", ylabel="accuracy (best lr)", ylim=(-0.02, 1.02), title="slot count")
+    if by_m.get_legend_handles_labels()[0]:
+        by_m.legend(fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    write_png(figure, path)
+
+
+def write_summary(results: ResultsFile, results_path: Path) -> dict[str, Any]:
+    """``<results>.summary.json``, ``.md`` and ``.png`` beside the rows."""
+    summary = summarize(results.rows)
+    devices = sorted({row.get("device", "?") for row in results.rows})
+    summary["devices"] = devices
+    stem = results_path.with_suffix("")
+    atomic_write(stem.with_name(stem.name + ".summary.json"), json.dumps(summary, indent=1) + "\n")
+    atomic_write(stem.with_suffix(".md"), markdown(summary, devices))
+    plot(summary, stem.with_suffix(".png"), f"{', '.join(devices)}; {len(results.rows)} rows")
+    return summary
