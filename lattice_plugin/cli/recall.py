@@ -80,3 +80,41 @@ def mqar(
              retry_errors=retry_errors, echo=typer.echo)
     typer.echo(results.with_suffix(".md").read_text(encoding="utf-8") if results.with_suffix(".md").exists() else "")
     typer.echo(f"rows: {results}; summary: {results.with_suffix('')}.summary.json, .md, .png")
+
+
+@recall_app.command()
+def lm(
+    mixers: str = typer.Option("all", help=MIXERS_HELP),
+    tokens: int = typer.Option(3_276_800, help="Training tokens per model (the same windows for every mixer)."),
+    seq_len: int = typer.Option(256, help="Tokens per training window and per held-out window."),
+    batch_size: int = typer.Option(64, help="Windows per step."),
+    lrs: str = typer.Option("1e-3", help="Learning rates (the summary keeps the best per mixer)."),
+    seeds: str = typer.Option("0", help="Seeds (initialisation and training windows)."),
+    vocab_size: int = typer.Option(4096, help="BPE vocabulary trained on train/."),
+    n_layer: int = typer.Option(8, help="Blocks."),
+    n_embd: int = typer.Option(512, help="Model width."),
+    n_head: int = typer.Option(8, help="Heads per block."),
+    intermediate_size: int = typer.Option(1376, help="MLP hidden size (LLaMA MLP)."),
+    slots: int = typer.Option(64, "--slots", "-m", help="Slot count m (FLA: key dimensions per head)."),
+    chunk_size: int = typer.Option(64, help="Lattice chunk size."),
+    eval_every: int = typer.Option(0, help="Score the held-out text every this many steps (0: only at the end)."),
+    text: Optional[Path] = typer.Option(None, help="Folder with train/*.txt and val/*.txt (default: the shipped text)."),
+    work: Path = typer.Option(Path("out/recall-lm"), help="Folder for the tokenizer (trained once)."),
+    results: Path = typer.Option(Path("reports/recall/lm.json"), help="Rows (resumable); summary, .md, .png beside."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    budget_s: Optional[float] = typer.Option(None, help=BUDGET_HELP),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="Run again rows recorded as not measured."),
+) -> None:
+    """Small language model per mixer on the same tokens: held-out perplexity and training tokens/s."""
+    from lattice_plugin.recall.lm import LMSettings, run_lm
+    from lattice_plugin.recall.mixers import parse_mixers
+
+    settings = LMSettings(
+        tokens=tokens, seq_len=seq_len, batch_size=batch_size, lrs=_list(lrs, float, "lrs"),
+        seeds=_list(seeds, int, "seeds"), vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+        intermediate_size=intermediate_size, slots=slots, chunk_size=chunk_size, eval_every=eval_every,
+    )
+    run_lm(parse_mixers(mixers), settings, results, device=_device(device), text_dir=text, work_dir=work,
+           budget_s=budget_s, retry_errors=retry_errors, echo=typer.echo)
+    typer.echo(results.with_suffix(".md").read_text(encoding="utf-8") if results.with_suffix(".md").exists() else "")
+    typer.echo(f"rows: {results}; summary: {results.with_suffix('')}.summary.json, .md, .png")

@@ -7,7 +7,6 @@ invalid instead of reporting the other mixers against it.
 """
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from lattice_plugin.recall.mixers import (
     state_numbers_per_head,
     unavailable_reason,
 )
-from lattice_plugin.recall.results import ResultsFile, device_info, pyplot, write_png
+from lattice_plugin.recall.results import ResultsFile, pyplot, run_pending, write_png
 from lattice_plugin.recall.task import IGNORE, check_mqar, mqar_batch
 from lattice_plugin.recall.training import Schedule, autocast, train
 
@@ -121,8 +120,7 @@ def held_out(s: MQARSettings, pairs: int, seed: int, device: torch.device) -> li
 
 def run_row(mixer: Mixer, pairs: int, slots: int | None, lr: float, seed: int, s: MQARSettings,
             device: torch.device, echo: Callable[[str], None]) -> dict[str, Any]:
-    """Train one model and measure it; a failure inside the mixer (e.g. a kernel that refuses this GPU) becomes a
-    row that says so."""
+    """Train one model from scratch and score it on the held-out sequences."""
     T = s.length(pairs)
     shape = ModelShape(s.vocab_size, T, s.n_layer, s.n_embd, s.n_head, s.intermediate_size,
                        slots if slots is not None else s.n_embd // s.n_head, s.chunk_size)
@@ -137,22 +135,14 @@ def run_row(mixer: Mixer, pairs: int, slots: int | None, lr: float, seed: int, s
         return batch.inputs, batch.targets
 
     label = f"{mixer.name} K={pairs} T={T} m={slots} lr={lr:g} seed={seed}"
-    row: dict[str, Any] = dict(
+    run = train(model, next_batch, schedule, device, evaluate=lambda: accuracy(model, test, device),
+                eval_every=s.eval_every, stop_at=s.stop_at, echo=echo, label=label)
+    return dict(
+        accuracy=accuracy(model, test, device),
         parameters=sum(p.numel() for p in model.parameters()),
         state_per_head=state_numbers_per_head(mixer, shape),
+        **run,
     )
-    try:
-        run = train(model, next_batch, schedule, device, evaluate=lambda: accuracy(model, test, device),
-                    eval_every=s.eval_every, stop_at=s.stop_at, echo=echo, label=label)
-        row.update(accuracy=accuracy(model, test, device), **run)
-    except (RuntimeError, NotImplementedError, AssertionError, ValueError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        row.update(accuracy=None, error=f"{type(error).__name__}: {message}"[:400])
-        echo(f"{label}: not measured: {row['error']}")
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
 
 
 def run_mqar(
@@ -165,37 +155,19 @@ def run_mqar(
     retry_errors: bool = False,
     echo: Callable[[str], None] = print,
 ) -> ResultsFile:
-    """Run every planned row not yet in ``results_path``; stop before a row that would overrun ``budget_s``
-    (estimated from the longest row so far). The summary JSON, markdown and PNG are rewritten after every row."""
+    """Run every planned row not yet in ``results_path`` (see :func:`run_pending`); the summary JSON, markdown and
+    PNG beside it are rewritten after every row."""
     settings.check()
     results = ResultsFile(results_path, EXPERIMENT)
-    started, longest = time.perf_counter(), 0.0
-    info = device_info(device)
-    skipped_mixers = set()
-    for mixer, pairs, slots, lr, seed in planned_rows(mixers, settings):
-        reason = unavailable_reason(mixer)
-        if reason:
-            if mixer.name not in skipped_mixers:
-                echo(f"skipping {mixer.name}: {reason}")
-                skipped_mixers.add(mixer.name)
-            continue
-        key = row_key(mixer, pairs, slots, lr, seed, settings)
-        done = results.find(key)
-        if done is not None and not (retry_errors and done.get("error")):
-            continue
-        elapsed = time.perf_counter() - started
-        if budget_s is not None and elapsed + longest > budget_s:
-            echo(f"stopping: the next row would overrun the budget of {budget_s:.0f} s (rows take up to {longest:.0f} s); "
-                 "run the same command again to continue")
-            break
-        row_started = time.perf_counter()
-        row = run_row(mixer, pairs, slots, lr, seed, settings, device, echo)
-        row_seconds = time.perf_counter() - row_started
-        longest = max(longest, row_seconds)
-        results.add(dict(key=key, **row, wall_seconds=round(row_seconds, 1), **info))
-        write_summary(results, results_path)
-        echo(f"row done: {key['mixer']} K={pairs} m={slots} lr={lr:g} seed={seed}: accuracy "
-             f"{row['accuracy'] if row['accuracy'] is None else round(row['accuracy'], 4)} ({row_seconds:.0f} s)")
+    jobs = (
+        (mixer.name, row_key(mixer, pairs, slots, lr, seed, settings),
+         lambda mixer=mixer, pairs=pairs, slots=slots, lr=lr, seed=seed: run_row(
+             mixer, pairs, slots, lr, seed, settings, device, echo))
+        for mixer, pairs, slots, lr, seed in planned_rows(mixers, settings)
+    )
+    run_pending(results, jobs, device=device, budget_s=budget_s, retry_errors=retry_errors, echo=echo,
+                on_row=lambda: write_summary(results, results_path), unavailable=lambda name: unavailable_reason(MIXERS[name]),
+                external=lambda name: MIXERS[name].fla is not None)
     write_summary(results, results_path)
     return results
 

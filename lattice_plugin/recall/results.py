@@ -5,7 +5,8 @@ is already present, so an experiment split over several time-limited calls picks
 """
 
 import json
-import platform
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from lattice_plugin.errors import LatticeError
 def device_info(device: torch.device) -> dict[str, Any]:
     """What every row names: the device and the versions that produced it."""
     info: dict[str, Any] = dict(
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or '?'})",
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__,
     )
     for package in ("triton", "fla"):
@@ -59,6 +60,68 @@ class ResultsFile:
         self.rows = [r for r in self.rows if row_key(r["key"]) != wanted] + [row]
         payload = dict(experiment=self.experiment, rows=self.rows)
         atomic_write(self.path, json.dumps(payload, indent=1, default=str) + "\n")
+
+
+RESULT_FIELDS = ("accuracy", "heldout_ppl", "tokens_per_s")
+Job = tuple[str, dict[str, Any], Callable[[], dict[str, Any]]]
+"""A row to run: the mixer's name, the row's key, and the function that trains and measures it."""
+
+
+def run_pending(
+    results: ResultsFile,
+    jobs: Iterable[Job],
+    *,
+    device: "torch.device",
+    budget_s: float | None,
+    retry_errors: bool,
+    echo: Callable[[str], None],
+    on_row: Callable[[], None],
+    unavailable: Callable[[str], str | None],
+    external: Callable[[str], bool],
+) -> None:
+    """Run the jobs whose key is not in ``results`` (and, with ``retry_errors``, those recorded as not measured).
+
+    A mixer that cannot run here (``unavailable`` gives the reason) is skipped with one line and leaves no row, so a
+    later run on a machine that has it fills them in. A row that runs out of GPU memory, or fails inside an
+    ``external`` mixer (another library's kernels refusing this GPU), is recorded as not measured with the reason;
+    any other error stops the run (it is a bug, not a result). Before each row, a run that would overrun ``budget_s``
+    (estimated from the longest row so far) stops. ``on_row`` runs after every row (summaries, plots).
+    """
+    info = device_info(device)
+    started, longest, skipped = time.perf_counter(), 0.0, set()
+    for mixer, key, run in jobs:
+        reason = unavailable(mixer)
+        if reason:
+            if mixer not in skipped:
+                echo(f"skipping {mixer}: {reason}")
+                skipped.add(mixer)
+            continue
+        done = results.find(key)
+        if done is not None and not (retry_errors and done.get("error")):
+            continue
+        if budget_s is not None and time.perf_counter() - started + longest > budget_s:
+            echo(f"stopping: the next row would overrun the budget of {budget_s:.0f} s (rows take up to "
+                 f"{longest:.0f} s); run the same command again to continue")
+            break
+        row_started = time.perf_counter()
+        try:
+            row = run()
+        except (RuntimeError, NotImplementedError, AssertionError, ValueError) as error:
+            if isinstance(error, LatticeError) or not (isinstance(error, torch.OutOfMemoryError) or external(mixer)):
+                raise
+            text = str(error).strip()
+            row = dict(error=f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:400])
+            echo(f"{mixer}: not measured: {row['error']}")
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        seconds = time.perf_counter() - row_started
+        longest = max(longest, seconds)
+        results.add(dict(key=key, **row, wall_seconds=round(seconds, 1), **info))
+        on_row()
+        shown = ", ".join(f"{name}={key[name]}" for name in ("K", "m", "lr", "seed") if name in key)
+        outcome = row.get("error") or ", ".join(f"{name} {row[name]:.4g}" for name in RESULT_FIELDS if row.get(name))
+        echo(f"row done ({seconds:.0f} s): {mixer} {shown}: {outcome}")
 
 
 def write_png(figure: Any, path: Path) -> None:
