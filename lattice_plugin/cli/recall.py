@@ -118,3 +118,24 @@ def lm(
            budget_s=budget_s, retry_errors=retry_errors, echo=typer.echo)
     typer.echo(results.with_suffix(".md").read_text(encoding="utf-8") if results.with_suffix(".md").exists() else "")
     typer.echo(f"rows: {results}; summary: {results.with_suffix('')}.summary.json, .md, .png")
+
+
+@recall_app.command()
+def passkey(
+    checkpoint_dirs: list[Path] = typer.Argument(..., help="Checkpoints to compare, e.g. a teacher and its student."),
+    lengths: str = typer.Option("128,256,512,1024,2048", help="Prompt lengths in words (about 1.3 tokens each)."),
+    items: int = typer.Option(20, help="Prompts per length."),
+    out: Path = typer.Option(Path("reports/recall/passkey.json"), help="JSON results; .md and .png beside."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16."),
+    batch_size: int = typer.Option(8, help="Prompts per forward."),
+    seed: int = typer.Option(1234, help="Seed of the prompts and of lm-eval."),
+) -> None:
+    """Pass-key retrieval at and beyond each checkpoint's training length (lm-eval task lattice_passkey)."""
+    from lattice_plugin.evaluation.runner import checkpoint_labels
+    from lattice_plugin.recall.passkey import run_passkey, table
+
+    report = run_passkey(checkpoint_labels(checkpoint_dirs), _list(lengths, int, "lengths"), out, items=items,
+                         device=_device(device), dtype=dtype, batch_size=batch_size, seed=seed, echo=typer.echo)
+    typer.echo(table(report))
+    typer.echo(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
