@@ -77,6 +77,7 @@ def train(
     schedule: Schedule,
     device: torch.device,
     *,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = token_loss,
     evaluate: Callable[[], float] | None = None,
     eval_every: int = 0,
     log_every: int = 100,
@@ -84,7 +85,7 @@ def train(
     echo: Callable[[str], None] = print,
     label: str = "",
 ) -> dict:
-    """Train ``model`` for ``schedule.steps`` steps on ``next_batch(step)``.
+    """Train ``model`` for ``schedule.steps`` steps on ``next_batch(step)``, minimising ``loss_fn``.
 
     ``evaluate`` (a score, higher is better) runs every ``eval_every`` steps and at the end; with ``stop_at`` the run
     ends early once the score reaches it. A non-finite loss ends the run (``diverged``). Returns the steps done, the
@@ -102,7 +103,7 @@ def train(
             timed_from, eval_seconds = device_seconds(device), 0.0
         inputs, targets = next_batch(step)
         with autocast(device):
-            loss = token_loss(model, inputs, targets)
+            loss = loss_fn(model, inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.max_norm)
         optimizer.step()
