@@ -195,3 +195,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
                          check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_lattice_variants_share_weights_but_not_their_math():
+    """Same seed, same parameters: the variants differ only in the update rule, so their outputs differ."""
+    inputs = mqar_batch(2, 3, TINY_SHAPE.block_size, TINY_SHAPE.vocab_size, torch.Generator().manual_seed(0)).inputs
+    outputs, weights = {}, {}
+    for name in ("lattice_exact", "lattice_chunk", "lattice_additive", "lattice_no_retraction"):
+        torch.manual_seed(0)
+        model = build_model(MIXERS[name], TINY_SHAPE)
+        weights[name] = model.state_dict()
+        with torch.no_grad():
+            outputs[name] = model(inputs)
+    reference = weights["lattice_exact"]
+    assert all(torch.equal(w[key], reference[key]) for w in weights.values() for key in reference)
+    names = list(outputs)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not torch.allclose(outputs[a], outputs[b], atol=1e-6), f"{a} and {b} compute the same thing"
