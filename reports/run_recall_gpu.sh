@@ -9,6 +9,8 @@
 #   PART=passkey  teacher-small (pretrain) -> convert -> distill small -> lattice_passkey at and beyond 256 tokens
 # Run it with the device tool from the repository root (carry .whl):  OUT=$OUT PART=mqar bash reports/run_recall_gpu.sh
 # EXTRA="..." adds flags to the recall command (e.g. a CPU rehearsal: EXTRA="--device cpu --vocab-size 64 ...").
+# MQAR runs PARALLEL=4 processes on the one GPU (disjoint rows, one results file); their accuracy is unaffected, their
+# tokens/s are not speed measurements (`lattice recall lm` runs alone and gives those).
 # FLA's layers (gla, deltanet, gated_deltanet) run when .whl holds the fla_core and flash_linear_attention wheels.
 [ -d .whl ] || { [ -d ../../.whl ] && ln -s ../../.whl .whl; }  # run from a worktree in .wt/NAME of the checkout
 source "$(dirname "$0")/gpu_common.sh"
@@ -23,6 +25,22 @@ resume() {  # resume NAME: the committed rows of NAME.json become the starting p
   [ -f "$R/$1.json" ] && cp "$R/$1.json" "$OUT/$1.json"
   return 0
 }
+PARALLEL=${PARALLEL:-4}  # MQAR rows are small: this many processes share the GPU (--shard), each its own rows
+mqar_sharded() {  # mqar_sharded NAME: PARALLEL shards into $OUT/NAME.json, then the summary of all rows
+  local i pids=()
+  log "== $1: $PARALLEL shards of: $L recall mqar $(mqar_args) --results $OUT/$1.json"
+  for ((i = 0; i < PARALLEL; i++)); do
+    timeout 580 $L recall mqar $(mqar_args) --results "$OUT/$1.json" --shard "$i/$PARALLEL" \
+      > "$W/reports/$1-shard$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"; log "   shard $i: exit $?"; tail -n 5 "$W/reports/$1-shard$i.log" >> "$LOG"
+  done
+  $L recall mqar $(mqar_args) --budget-s 0 --results "$OUT/$1.json" > /dev/null  # summary of every row (runs none)
+  rm -f "$OUT/$1.json.lock"
+  pack
+}
 mqar_args() {
   echo --mixers "$MIXERS" --pairs "${PAIRS:-16,32,64,128}" --slots "$SLOTS" --lrs "${LRS:-1e-3,3e-3,1e-2}" \
     --steps "${STEPS:-6000}" --budget-s "$BUDGET_S" ${STOP_AT:+--stop-at $STOP_AT} ${EXTRA:-}
@@ -31,12 +49,12 @@ case "$PART" in
   mqar)
     MIXERS=${MIXERS:-all} SLOTS=${SLOTS:-64}
     resume mqar
-    step mqar 580 $L recall mqar $(mqar_args) --results "$OUT/mqar.json"
+    mqar_sharded mqar
     cat "$OUT/mqar.md" ;;
   slots)
     MIXERS=${MIXERS:-lattice_exact} SLOTS=${SLOTS:-16,32,64,128}
     resume mqar-slots
-    step slots 580 $L recall mqar $(mqar_args) --results "$OUT/mqar-slots.json"
+    mqar_sharded mqar-slots
     cat "$OUT/mqar-slots.md" ;;
   lm)
     resume lm

@@ -213,3 +213,15 @@ def test_lattice_variants_share_weights_but_not_their_math():
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             assert not torch.allclose(outputs[a], outputs[b], atol=1e-6), f"{a} and {b} compute the same thing"
+
+
+def test_shards_split_the_rows_without_overlap(tmp_path):
+    path = tmp_path / "mqar.json"
+    mixers = parse_mixers("attention,lattice_chunk")
+    settings = tiny_mqar(lrs=[1e-3, 3e-3], steps=1)
+    for index in (1, 0):
+        run_mqar(mixers, settings, path, device=CPU, shard=(index, 2), echo=lambda _: None)
+    rows = json.loads(path.read_text())["rows"]
+    keys = sorted((row["key"]["mixer"], row["key"]["lr"]) for row in rows)
+    assert keys == sorted((m, lr) for m in ("attention", "lattice_chunk") for lr in (1e-3, 3e-3))
+    assert sorted(row["shard"] for row in rows) == ["0/2", "0/2", "1/2", "1/2"]

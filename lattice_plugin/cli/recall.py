@@ -42,6 +42,18 @@ def _device(name: Optional[str]):
     return device
 
 
+def _shard(text: str) -> tuple[int, int]:
+    from lattice_plugin.errors import LatticeError
+
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise LatticeError(f"--shard takes I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise LatticeError(f"--shard {text}: I must be in 0..N-1")
+    return index, count
+
+
 @recall_app.command()
 def mqar(
     mixers: str = typer.Option("all", help=MIXERS_HELP),
@@ -65,6 +77,8 @@ def mqar(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
     budget_s: Optional[float] = typer.Option(None, help=BUDGET_HELP),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Run again rows recorded as not measured."),
+    shard: str = typer.Option("0/1", help="I/N: run every N-th row from the I-th, so that N processes share one GPU "
+                              "and one results file (accuracy only: their tokens/s are not a speed measurement)."),
 ) -> None:
     """Multi-query associative recall (Zoology's MQAR): accuracy per mixer, K, m, learning rate and seed."""
     from lattice_plugin.recall.mixers import parse_mixers
@@ -77,7 +91,7 @@ def mqar(
         chunk_size=chunk_size, eval_examples=eval_examples, eval_every=eval_every, stop_at=stop_at,
     )
     run_mqar(parse_mixers(mixers), settings, results, device=_device(device), budget_s=budget_s,
-             retry_errors=retry_errors, echo=typer.echo)
+             retry_errors=retry_errors, shard=_shard(shard), echo=typer.echo)
     typer.echo(results.with_suffix(".md").read_text(encoding="utf-8") if results.with_suffix(".md").exists() else "")
     typer.echo(f"rows: {results}; summary: {results.with_suffix('')}.summary.json, .md, .png")
 

@@ -173,10 +173,11 @@ def run_mqar(
     device: torch.device,
     budget_s: float | None = None,
     retry_errors: bool = False,
+    shard: tuple[int, int] = (0, 1),
     echo: Callable[[str], None] = print,
 ) -> ResultsFile:
-    """Run every planned row not yet in ``results_path`` (see :func:`run_pending`); the summary JSON, markdown and
-    PNG beside it are rewritten after every row."""
+    """Run every planned row not yet in ``results_path`` (see :func:`run_pending`; ``shard`` splits them between
+    processes); the summary JSON, markdown and PNG beside it are rewritten after every row."""
     settings.check()
     results = ResultsFile(results_path, EXPERIMENT)
     jobs = (
@@ -187,7 +188,7 @@ def run_mqar(
     )
     run_pending(results, jobs, device=device, budget_s=budget_s, retry_errors=retry_errors, echo=echo,
                 on_row=lambda: write_summary(results, results_path), unavailable=lambda name: unavailable_reason(MIXERS[name]),
-                external=lambda name: MIXERS[name].fla is not None)
+                external=lambda name: MIXERS[name].fla is not None, shard=shard)
     write_summary(results, results_path)
     return results
 

@@ -35,20 +35,27 @@ def row_key(fields: dict[str, Any]) -> str:
 
 
 class ResultsFile:
-    """The rows of one experiment in ``path`` (created on the first row)."""
+    """The rows of one experiment in ``path`` (created on the first row).
+
+    Several processes may share one file (``--shard``, disjoint rows on one GPU): every write happens under a file
+    lock and first re-reads the file, so no process drops another's rows.
+    """
 
     def __init__(self, path: Path, experiment: str) -> None:
         self.path = Path(path)
         self.experiment = experiment
-        self.rows: list[dict[str, Any]] = []
-        if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise LatticeError(f"cannot read results {str(self.path)!r}: {error}") from None
-            if not isinstance(data, dict) or data.get("experiment") != experiment or not isinstance(data.get("rows"), list):
-                raise LatticeError(f"{str(self.path)!r} does not hold {experiment} results; choose another --results")
-            self.rows = data["rows"]
+        self.rows = self._read()
+
+    def _read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise LatticeError(f"cannot read results {str(self.path)!r}: {error}") from None
+        if not isinstance(data, dict) or data.get("experiment") != self.experiment or not isinstance(data.get("rows"), list):
+            raise LatticeError(f"{str(self.path)!r} does not hold {self.experiment} results; choose another --results")
+        return data["rows"]
 
     def find(self, key: dict[str, Any]) -> dict[str, Any] | None:
         wanted = row_key(key)
@@ -56,10 +63,14 @@ class ResultsFile:
 
     def add(self, row: dict[str, Any]) -> None:
         """Append ``row`` (replacing one with the same key) and rewrite the file."""
+        from filelock import FileLock
+
         wanted = row_key(row["key"])
-        self.rows = [r for r in self.rows if row_key(r["key"]) != wanted] + [row]
-        payload = dict(experiment=self.experiment, rows=self.rows)
-        atomic_write(self.path, json.dumps(payload, indent=1, default=str) + "\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path) + ".lock"):
+            self.rows = [r for r in self._read() if row_key(r["key"]) != wanted] + [row]
+            payload = dict(experiment=self.experiment, rows=self.rows)
+            atomic_write(self.path, json.dumps(payload, indent=1, default=str) + "\n")
 
 
 RESULT_FIELDS = ("accuracy", "heldout_ppl", "tokens_per_s")
@@ -78,6 +89,7 @@ def run_pending(
     on_row: Callable[[], None],
     unavailable: Callable[[str], str | None],
     external: Callable[[str], bool],
+    shard: tuple[int, int] = (0, 1),
 ) -> None:
     """Run the jobs whose key is not in ``results`` (and, with ``retry_errors``, those recorded as not measured).
 
@@ -89,7 +101,10 @@ def run_pending(
     """
     info = device_info(device)
     started, longest, skipped = time.perf_counter(), 0.0, set()
-    for mixer, key, run in jobs:
+    index, count = shard
+    for position, (mixer, key, run) in enumerate(jobs):
+        if position % count != index:
+            continue
         reason = unavailable(mixer)
         if reason:
             if mixer not in skipped:
@@ -117,7 +132,8 @@ def run_pending(
                 torch.cuda.empty_cache()
         seconds = time.perf_counter() - row_started
         longest = max(longest, seconds)
-        results.add(dict(key=key, **row, wall_seconds=round(seconds, 1), **info))
+        sharing = dict(shard=f"{index}/{count}") if count > 1 else {}
+        results.add(dict(key=key, **row, wall_seconds=round(seconds, 1), **info, **sharing))
         on_row()
         shown = ", ".join(f"{name}={key[name]}" for name in ("K", "m", "lr", "seed") if name in key)
         outcome = row.get("error") or ", ".join(f"{name} {row[name]:.4g}" for name in RESULT_FIELDS if row.get(name))
