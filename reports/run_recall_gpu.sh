@@ -72,7 +72,8 @@ case "$PART" in
       --student_dir "$W/student" --out_dir "$W/distill" --data.init_args.train_data_path "$W/corpus/train" \
       --data.init_args.val_data_path "$W/corpus/val" --devices 1
     cp "$W/distill/report.json" "$OUT/passkey-distill-report.json" 2>/dev/null
-    step passkey 150 $L recall passkey "$W/teacher/final" "$W/distill/final" --lengths "${LENGTHS:-128,192,384,768,1536}" \
+    step passkey 150 $L recall passkey "$W/teacher/final" "$W/distill/final" \
+      --lengths "${LENGTHS:-128,192,384,768,1536}" \
       --items "${ITEMS:-20}" --out "$W/passkey/passkey.json"
     cp "$W"/passkey/passkey.{json,md,png} "$OUT/" 2>/dev/null
     cat "$OUT/passkey.md" ;;

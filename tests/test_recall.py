@@ -3,7 +3,6 @@ validity rule, and tiny end-to-end runs of the three experiments (CPU)."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch

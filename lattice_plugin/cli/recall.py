@@ -14,9 +14,13 @@ recall_app = typer.Typer(
 )
 app.add_typer(recall_app, name="recall")
 
-MIXERS_HELP = "Comma-separated mixers, 'built-in' or 'all': attention, lattice_exact, lattice_chunk, " \
-    "lattice_additive, lattice_no_retraction, gla, deltanet, gated_deltanet (the last three need the fla extra and a GPU)."
-BUDGET_HELP = "Stop before a row that would end after this many seconds (fits a time-limited call); run again to resume."
+MIXERS_HELP = (
+    "Comma-separated mixers, 'built-in' or 'all': attention, lattice_exact, lattice_chunk, lattice_additive, "
+    "lattice_no_retraction, gla, deltanet, gated_deltanet (the last three need the fla extra and a GPU)."
+)
+BUDGET_HELP = (
+    "Stop before a row that would end after this many seconds (fits a time-limited call); run again to resume."
+)
 
 
 def _list(text: str, kind: type, name: str) -> list:
@@ -112,7 +116,9 @@ def lm(
     slots: int = typer.Option(64, "--slots", "-m", help="Slot count m (FLA: key dimensions per head)."),
     chunk_size: int = typer.Option(64, help="Lattice chunk size."),
     eval_every: int = typer.Option(0, help="Score the held-out text every this many steps (0: only at the end)."),
-    text: Optional[Path] = typer.Option(None, help="Folder with train/*.txt and val/*.txt (default: the shipped text)."),
+    text: Optional[Path] = typer.Option(
+        None, help="Folder with train/*.txt and val/*.txt (default: the shipped text)."
+    ),
     work: Path = typer.Option(Path("out/recall-lm"), help="Folder for the tokenizer (trained once)."),
     results: Path = typer.Option(Path("reports/recall/lm.json"), help="Rows (resumable); summary, .md, .png beside."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),

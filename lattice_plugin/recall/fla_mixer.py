@@ -15,6 +15,7 @@ import torch.nn as nn
 from lattice_plugin.errors import LatticeError
 
 FLA_LAYERS = ("gla", "deltanet", "gated_deltanet")
+NO_CACHE = "FLA layers in litgpt blocks are for training comparisons; they have no generation cache"
 
 
 def fla_missing_reason() -> str | None:
@@ -74,8 +75,8 @@ class FLAMixer(nn.Module):
         input_pos_maxp1: int | None = None,
     ) -> torch.Tensor:
         if input_pos is not None:
-            raise LatticeError("FLA layers in litgpt blocks are for training comparisons; they have no generation cache")
+            raise LatticeError(NO_CACHE)
         return self.layer(x)[0]
 
     def build_kv_cache(self, *args: Any, **kwargs: Any) -> nn.Module:
-        raise LatticeError("FLA layers in litgpt blocks are for training comparisons; they have no generation cache")
+        raise LatticeError(NO_CACHE)

@@ -37,7 +37,10 @@ MIXERS: dict[str, Mixer] = {
     for mixer in (
         Mixer("attention", "litgpt's causal softmax attention (the upper bound: its cache grows with the sequence)"),
         Mixer("lattice_exact", "Lattice, exact gates", dict(lattice_gates="exact")),
-        Mixer("lattice_chunk", "Lattice, gates frozen per chunk (the paper's approximation)", dict(lattice_gates="chunk")),
+        Mixer(
+            "lattice_chunk", "Lattice, gates frozen per chunk (the paper's approximation)",
+            dict(lattice_gates="chunk"),
+        ),
         Mixer(
             "lattice_additive", "Lattice ablation: additive write, then retraction",
             dict(lattice_gates="exact", lattice_orthogonal=False),

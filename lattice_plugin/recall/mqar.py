@@ -187,7 +187,8 @@ def run_mqar(
         for mixer, pairs, slots, lr, seed in planned_rows(mixers, settings)
     )
     run_pending(results, jobs, device=device, budget_s=budget_s, retry_errors=retry_errors, echo=echo,
-                on_row=lambda: write_summary(results, results_path), unavailable=lambda name: unavailable_reason(MIXERS[name]),
+                on_row=lambda: write_summary(results, results_path),
+                unavailable=lambda name: unavailable_reason(MIXERS[name]),
                 external=lambda name: MIXERS[name].fla is not None, shard=shard)
     write_summary(results, results_path)
     return results

@@ -92,7 +92,8 @@ def run_passkey(
                 prompt_tokens_mean=prompts[length]["mean"], prompt_tokens_max=prompts[length]["max"],
                 beyond_training_length=prompts[length]["max"] + ANSWER_TOKENS > trained,
             )
-            echo(f"  {length} words (~{prompts[length]['mean']:.0f} tokens): exact match {scores[str(length)]['exact_match']:.3f}")
+            echo(f"  {length} words (~{prompts[length]['mean']:.0f} tokens): "
+                 f"exact match {scores[str(length)]['exact_match']:.3f}")
         models[label] = dict(checkpoint=str(checkpoint_dir), trained_length=trained, lattice_layers=layers,
                              n_layer=model.config.n_layer, parameters=sum(p.numel() for p in model.parameters()),
                              scores=scores)

@@ -53,7 +53,8 @@ class ResultsFile:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise LatticeError(f"cannot read results {str(self.path)!r}: {error}") from None
-        if not isinstance(data, dict) or data.get("experiment") != self.experiment or not isinstance(data.get("rows"), list):
+        if not (isinstance(data, dict) and data.get("experiment") == self.experiment
+                and isinstance(data.get("rows"), list)):
             raise LatticeError(f"{str(self.path)!r} does not hold {self.experiment} results; choose another --results")
         return data["rows"]
 

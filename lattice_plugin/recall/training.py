@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
 
 from lattice_plugin.recall.task import IGNORE
 
@@ -38,7 +39,8 @@ class Schedule:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: nn.Module, schedule: Schedule) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def make_optimizer(model: nn.Module, schedule: Schedule) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW (fused on CUDA) decaying only linear and embedding weights, with the schedule's learning-rate factor."""
     decayed = {
         id(module.weight) for module in model.modules() if isinstance(module, (nn.Linear, nn.Embedding))
     }
@@ -49,7 +51,7 @@ def make_optimizer(model: nn.Module, schedule: Schedule) -> tuple[torch.optim.Op
     ]
     fused = all(p.is_cuda for p in params)
     optimizer = torch.optim.AdamW(groups, lr=schedule.lr, betas=schedule.betas, fused=fused)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
+    return optimizer, LambdaLR(optimizer, schedule.factor)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
