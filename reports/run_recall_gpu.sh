@@ -3,7 +3,8 @@
 # reports/recall/<part>.json are copied to $OUT first and skipped, new rows are appended to $OUT/<part>.json as they
 # finish (atomically), and a row that would overrun BUDGET_S is left for the next call. After each call, copy the
 # returned files over reports/recall/ and commit them, so that the next call carries them and continues.
-#   PART=mqar    MIXERS=... PAIRS=16,32,64,128 SLOTS=64 LRS=1e-3,3e-3,1e-2 STEPS=6000 [STOP_AT=0.99]  (accuracy vs K)
+#   PART=mqar    MIXERS=... PAIRS=16,32,64,128 SLOTS=64 LRS=3e-4,1e-3,3e-3,1e-2 STEPS=6000 [STOP_AT=0.99]
+#                (accuracy vs K)
 #   PART=slots   same, results in mqar-slots.json, default MIXERS=lattice_exact SLOTS=16,32,64,128   (accuracy vs m)
 #   PART=lm      MIXERS=... TOKENS=3276800                                     (perplexity and tokens/s per mixer)
 #   PART=passkey  teacher-small (pretrain) -> convert -> distill small -> lattice_passkey at and beyond 256 tokens
@@ -42,7 +43,7 @@ mqar_sharded() {  # mqar_sharded NAME: PARALLEL shards into $OUT/NAME.json, then
   pack
 }
 mqar_args() {
-  echo --mixers "$MIXERS" --pairs "${PAIRS:-16,32,64,128}" --slots "$SLOTS" --lrs "${LRS:-1e-3,3e-3,1e-2}" \
+  echo --mixers "$MIXERS" --pairs "${PAIRS:-16,32,64,128}" --slots "$SLOTS" --lrs "${LRS:-3e-4,1e-3,3e-3,1e-2}" \
     --steps "${STEPS:-6000}" --budget-s "$BUDGET_S" ${STOP_AT:+--stop-at $STOP_AT} ${EXTRA:-}
 }
 case "$PART" in

@@ -64,7 +64,7 @@ def mqar(
     pairs: str = typer.Option("16,32,64,128", "--pairs", "-K", help="Key-value pairs K per sequence."),
     seq_len: int = typer.Option(0, help="Tokens per sequence (0: max(256, 4 K))."),
     slots: str = typer.Option("64", "--slots", "-m", help="Slot counts m (FLA: key dimensions per head)."),
-    lrs: str = typer.Option("1e-3,3e-3,1e-2", help="Learning rates swept per mixer (the summary keeps the best)."),
+    lrs: str = typer.Option("3e-4,1e-3,3e-3,1e-2", help="Learning rates swept per mixer (the summary keeps the best)."),
     seeds: str = typer.Option("0", help="Seeds (model initialisation and training data)."),
     steps: int = typer.Option(6000, help="Training steps per row (fresh sequences every step)."),
     batch_size: int = typer.Option(64, help="Sequences per step."),

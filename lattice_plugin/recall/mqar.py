@@ -43,7 +43,7 @@ class MQARSettings:
     seq_len: int | None = None
     """Tokens per sequence; None: ``max(256, 4 K)`` (256 for K <= 64, 512 for K = 128)."""
     slots: list[int] = field(default_factory=lambda: [64])
-    lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
+    lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2])
     seeds: list[int] = field(default_factory=lambda: [0])
     steps: int = 6000
     batch_size: int = 64
