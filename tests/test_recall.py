@@ -97,6 +97,17 @@ def test_fla_mixers_are_skipped_without_fla_or_a_gpu(tmp_path):
     assert results.rows == [] and any("skipping gla" in line and reason in line for line in lines)
 
 
+@pytest.mark.parametrize("name", ["gla", "deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("slots", [16, 64, 128])
+def test_fla_layers_hold_the_same_state_per_head_as_lattice(name, slots):
+    pytest.importorskip("fla.layers", reason="flash-linear-attention is not installed")
+    shape = ModelShape(vocab_size=64, block_size=64, n_layer=2, n_embd=128, n_head=2, intermediate_size=64, slots=slots)
+    model = build_model(MIXERS[name], shape)
+    for block in model.transformer.h:
+        layer = block.attn.layer
+        assert (layer.num_heads, layer.head_k_dim, layer.head_v_dim) == (2, slots, 64)
+
+
 @pytest.mark.skipif(fla_missing_reason() is not None, reason="needs flash-linear-attention and a CUDA GPU")
 @pytest.mark.parametrize("name", ["gla", "deltanet", "gated_deltanet"])
 def test_fla_mixer_forward_in_a_litgpt_block(name):

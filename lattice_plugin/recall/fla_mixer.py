@@ -6,6 +6,7 @@ and output gate, DeltaNet's and Gated DeltaNet's short convolutions): they are c
 FLA's kernels are Triton kernels for CUDA, so the layers are only offered where a GPU is present.
 """
 
+import functools
 import importlib.util
 from typing import Any
 
@@ -18,12 +19,17 @@ FLA_LAYERS = ("gla", "deltanet", "gated_deltanet")
 NO_CACHE = "FLA layers in litgpt blocks are for training comparisons; they have no generation cache"
 
 
+@functools.cache
 def fla_missing_reason() -> str | None:
     """Why FLA's layers cannot run here (None: they can)."""
     if importlib.util.find_spec("fla") is None:
         return "flash-linear-attention is not installed (pip install -e '.[fla]')"
     if not torch.cuda.is_available():
         return "flash-linear-attention's kernels need a CUDA GPU"
+    try:
+        import fla.layers  # noqa: F401
+    except Exception as error:  # any failure to import is the reason the rows are not run
+        return f"flash-linear-attention does not import: {type(error).__name__}: {str(error)[:200]}"
     return None
 
 
