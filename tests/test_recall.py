@@ -199,6 +199,8 @@ def test_passkey_scores_teacher_and_student_beyond_the_training_length(tmp_path)
     (["mqar", "--mixers", "nope"], "unknown mixer 'nope'"),
     (["mqar", "--pairs", "128", "--seq-len", "256"], "too short for 128 pairs"),
     (["lm", "--lrs", "fast"], "--lrs takes comma-separated floats"),
+    (["lm", "--lattice-backend", "cuda"], "lattice backend 'cuda'"),
+    (["mqar", "--shard", "4/4"], "I must be in 0..N-1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = run_lattice("recall", *args, "--results", tmp_path / "r.json", "--device", "cpu", cwd=tmp_path,

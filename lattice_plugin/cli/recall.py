@@ -74,6 +74,7 @@ def mqar(
     n_head: int = typer.Option(2, help="Heads per block (head size = width / heads)."),
     intermediate_size: int = typer.Option(256, help="MLP hidden size (LLaMA MLP)."),
     chunk_size: int = typer.Option(64, help="Lattice chunk size."),
+    lattice_backend: str = typer.Option("auto", help="Lattice kernels: auto (Triton on CUDA), torch, triton."),
     eval_examples: int = typer.Option(1024, help="Held-out sequences scored per row."),
     eval_every: int = typer.Option(1000, help="Score the held-out sequences every this many steps (the curve)."),
     stop_at: Optional[float] = typer.Option(None, help="End a row early once its accuracy reaches this."),
@@ -92,7 +93,8 @@ def mqar(
         pairs=_list(pairs, int, "pairs"), seq_len=seq_len or None, slots=_list(slots, int, "slots"),
         lrs=_list(lrs, float, "lrs"), seeds=_list(seeds, int, "seeds"), steps=steps, batch_size=batch_size,
         vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, intermediate_size=intermediate_size,
-        chunk_size=chunk_size, eval_examples=eval_examples, eval_every=eval_every, stop_at=stop_at,
+        chunk_size=chunk_size, lattice_backend=lattice_backend, eval_examples=eval_examples, eval_every=eval_every,
+        stop_at=stop_at,
     )
     run_mqar(parse_mixers(mixers), settings, results, device=_device(device), budget_s=budget_s,
              retry_errors=retry_errors, shard=_shard(shard), echo=typer.echo)
@@ -115,6 +117,7 @@ def lm(
     intermediate_size: int = typer.Option(1376, help="MLP hidden size (LLaMA MLP)."),
     slots: int = typer.Option(64, "--slots", "-m", help="Slot count m (FLA: key dimensions per head)."),
     chunk_size: int = typer.Option(64, help="Lattice chunk size."),
+    lattice_backend: str = typer.Option("auto", help="Lattice kernels: auto (Triton on CUDA), torch, triton."),
     eval_every: int = typer.Option(0, help="Score the held-out text every this many steps (0: only at the end)."),
     text: Optional[Path] = typer.Option(
         None, help="Folder with train/*.txt and val/*.txt (default: the shipped text)."
@@ -132,7 +135,8 @@ def lm(
     settings = LMSettings(
         tokens=tokens, seq_len=seq_len, batch_size=batch_size, lrs=_list(lrs, float, "lrs"),
         seeds=_list(seeds, int, "seeds"), vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-        intermediate_size=intermediate_size, slots=slots, chunk_size=chunk_size, eval_every=eval_every,
+        intermediate_size=intermediate_size, slots=slots, chunk_size=chunk_size, lattice_backend=lattice_backend,
+        eval_every=eval_every,
     )
     run_lm(parse_mixers(mixers), settings, results, device=_device(device), text_dir=text, work_dir=work,
            budget_s=budget_s, retry_errors=retry_errors, echo=typer.echo)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lattice_plugin.checkpoint import atomic_write
+from lattice_plugin.config import BACKENDS
 from lattice_plugin.corpus import shipped_corpus, train_tokenizer
 from lattice_plugin.errors import LatticeError
 from lattice_plugin.recall.mixers import (
@@ -52,6 +53,7 @@ class LMSettings:
     intermediate_size: int = 1376
     slots: int = 64
     chunk_size: int = 64
+    lattice_backend: str = "auto"
     warmup_fraction: float = 0.1
     weight_decay: float = 0.1
     eval_every: int = 0
@@ -65,6 +67,7 @@ class LMSettings:
         positive = dict(tokens=self.tokens, seq_len=self.seq_len, batch_size=self.batch_size, n_layer=self.n_layer,
                         n_embd=self.n_embd, n_head=self.n_head, slots=self.slots)
         bad = [name for name, value in positive.items() if value < 1] + [f"lr={lr}" for lr in self.lrs if not lr > 0]
+        bad += [] if self.lattice_backend in BACKENDS else [f"lattice backend {self.lattice_backend!r}"]
         if bad or not (self.lrs and self.seeds):
             raise LatticeError(f"invalid language-model setting: {', '.join(bad) or 'an empty list of lrs or seeds'}")
 
@@ -114,6 +117,7 @@ def row_key(mixer: Mixer, lr: float, seed: int, s: LMSettings, text: str) -> dic
         mixer=mixer.name, lr=lr, seed=seed, m=s.slots if mixer.has_state else None, tokens=s.tokens,
         steps=s.steps, seq_len=s.seq_len, batch_size=s.batch_size, vocab_size=s.vocab_size, n_layer=s.n_layer,
         n_embd=s.n_embd, n_head=s.n_head, intermediate_size=s.intermediate_size, chunk_size=s.chunk_size,
+        lattice_backend=s.lattice_backend,
         warmup_fraction=s.warmup_fraction, weight_decay=s.weight_decay, text=text,
     )
 
@@ -121,7 +125,7 @@ def row_key(mixer: Mixer, lr: float, seed: int, s: LMSettings, text: str) -> dic
 def run_row(mixer: Mixer, lr: float, seed: int, s: LMSettings, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
             device: torch.device, echo: Callable[[str], None]) -> dict[str, Any]:
     shape = ModelShape(s.vocab_size, s.seq_len, s.n_layer, s.n_embd, s.n_head, s.intermediate_size, s.slots,
-                       s.chunk_size)
+                       s.chunk_size, s.lattice_backend)
     torch.manual_seed(seed)
     model = build_model(mixer, shape).to(device)
     generator = torch.Generator().manual_seed(seed)

@@ -88,6 +88,7 @@ class ModelShape:
     intermediate_size: int
     slots: int
     chunk_size: int = 64
+    lattice_backend: str = "auto"
 
     @property
     def head_size(self) -> int:
@@ -119,6 +120,7 @@ def build_model(mixer: Mixer, shape: ModelShape) -> LatticeGPT:
         lattice_layers="all" if mixer.lattice is not None else None,
         lattice_slots=shape.slots,
         lattice_chunk_size=shape.chunk_size,
+        lattice_backend=shape.lattice_backend,
         **lattice,
     )
     model = LatticeGPT(config)

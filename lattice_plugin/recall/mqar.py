@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lattice_plugin.checkpoint import atomic_write
+from lattice_plugin.config import BACKENDS
 from lattice_plugin.errors import LatticeError
 from lattice_plugin.recall.mixers import (
     MIXERS,
@@ -53,6 +54,7 @@ class MQARSettings:
     n_head: int = 2
     intermediate_size: int = 256
     chunk_size: int = 64
+    lattice_backend: str = "auto"
     warmup_fraction: float = 0.1
     weight_decay: float = 0.1
     eval_examples: int = 1024
@@ -70,6 +72,7 @@ class MQARSettings:
                         n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head)
         bad = [name for name, value in positive.items() if value < 1]
         bad += [f"m={m}" for m in self.slots if m < 1] + [f"lr={lr}" for lr in self.lrs if not lr > 0]
+        bad += [] if self.lattice_backend in BACKENDS else [f"lattice backend {self.lattice_backend!r}"]
         if bad or not (self.pairs and self.slots and self.lrs and self.seeds):
             raise LatticeError(f"invalid MQAR setting: {', '.join(bad) or 'an empty list of K, m, lr or seeds'}")
 
@@ -78,7 +81,8 @@ def row_key(mixer: Mixer, pairs: int, slots: int | None, lr: float, seed: int, s
     return dict(
         mixer=mixer.name, K=pairs, T=s.length(pairs), m=slots, lr=lr, seed=seed, steps=s.steps,
         batch_size=s.batch_size, vocab_size=s.vocab_size, n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head,
-        intermediate_size=s.intermediate_size, chunk_size=s.chunk_size, warmup_fraction=s.warmup_fraction,
+        intermediate_size=s.intermediate_size, chunk_size=s.chunk_size, lattice_backend=s.lattice_backend,
+        warmup_fraction=s.warmup_fraction,
         weight_decay=s.weight_decay, eval_examples=s.eval_examples, stop_at=s.stop_at,
     )
 
@@ -143,7 +147,7 @@ def run_row(mixer: Mixer, pairs: int, slots: int | None, lr: float, seed: int, s
     """Train one model from scratch and score it on the held-out sequences."""
     T = s.length(pairs)
     shape = ModelShape(s.vocab_size, T, s.n_layer, s.n_embd, s.n_head, s.intermediate_size,
-                       slots if slots is not None else s.n_embd // s.n_head, s.chunk_size)
+                       slots if slots is not None else s.n_embd // s.n_head, s.chunk_size, s.lattice_backend)
     torch.manual_seed(seed)
     model = score_queries_only(build_model(mixer, shape)).to(device)
     generator = torch.Generator(device).manual_seed(seed)
