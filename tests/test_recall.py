@@ -237,3 +237,10 @@ def test_shards_split_the_rows_without_overlap(tmp_path):
     keys = sorted((row["key"]["mixer"], row["key"]["lr"]) for row in rows)
     assert keys == sorted((m, lr) for m in ("attention", "lattice_chunk") for lr in (1e-3, 3e-3))
     assert sorted(row["shard"] for row in rows) == ["0/2", "0/2", "1/2", "1/2"]
+
+
+def test_schedule_warms_up_linearly_then_decays_to_zero():
+    schedule = Schedule(lr=1.0, steps=100, warmup_fraction=0.1)
+    factors = [schedule.factor(step) for step in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0) and factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and factors[100] == pytest.approx(0.0, abs=1e-9)
