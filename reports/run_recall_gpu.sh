@@ -5,7 +5,7 @@
 # returned files over reports/recall/ and commit them, so that the next call carries them and continues.
 #   PART=mqar    MIXERS=... PAIRS=16,32,64,128 SLOTS=64 LRS=3e-4,1e-3,3e-3,1e-2 STEPS=6000 [STOP_AT=0.99]
 #                (accuracy vs K)
-#   PART=slots   same, results in mqar-slots.json, default MIXERS=lattice_exact SLOTS=16,32,64,128   (accuracy vs m)
+#   PART=slots   same rows file, default MIXERS=lattice_exact SLOTS=16,32,64,128 (m = 64 rows are reused) (vs m)
 #   PART=lm      MIXERS=... TOKENS=3276800                                     (perplexity and tokens/s per mixer)
 #   PART=passkey  teacher-small (pretrain) -> convert -> distill small -> lattice_passkey at and beyond 256 tokens
 # Run it with the device tool from the repository root (carry .whl):  OUT=$OUT PART=mqar bash reports/run_recall_gpu.sh
@@ -54,9 +54,9 @@ case "$PART" in
     cat "$OUT/mqar.md" ;;
   slots)
     MIXERS=${MIXERS:-lattice_exact} SLOTS=${SLOTS:-16,32,64,128}
-    resume mqar-slots
-    mqar_sharded mqar-slots
-    cat "$OUT/mqar-slots.md" ;;
+    resume mqar
+    mqar_sharded mqar
+    cat "$OUT/mqar.md" ;;
   lm)
     resume lm
     step lm 580 $L recall lm --mixers "${MIXERS:-all}" --tokens "${TOKENS:-3276800}" --budget-s "$BUDGET_S" \

@@ -32,6 +32,7 @@ from lattice_plugin.recall.task import IGNORE, check_mqar, mqar_batch
 from lattice_plugin.recall.training import Schedule, autocast, train
 
 VALID_ATTENTION = 0.99
+DEFAULT_SLOTS = 64
 EXPERIMENT = "mqar"
 
 
@@ -43,7 +44,7 @@ class MQARSettings:
     pairs: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     seq_len: int | None = None
     """Tokens per sequence; None: ``max(256, 4 K)`` (256 for K <= 64, 512 for K = 128)."""
-    slots: list[int] = field(default_factory=lambda: [64])
+    slots: list[int] = field(default_factory=lambda: [DEFAULT_SLOTS])
     lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2])
     seeds: list[int] = field(default_factory=lambda: [0])
     steps: int = 6000
@@ -259,7 +260,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
         return
     best = summary["best"]
     ms = [b["m"] for b in best if b["m"] is not None]
-    main_m = max(set(ms), key=ms.count) if ms else None
+    main_m = DEFAULT_SLOTS if DEFAULT_SLOTS in ms else (max(set(ms), key=ms.count) if ms else None)
     figure, (by_k, by_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for mixer in [name for name in MIXERS if any(b["mixer"] == name for b in best)]:
         points = sorted((b["K"], b["accuracy"], b["valid"]) for b in best if b["mixer"] == mixer
