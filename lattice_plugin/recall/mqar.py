@@ -83,8 +83,8 @@ def row_key(mixer: Mixer, pairs: int, slots: int | None, lr: float, seed: int, s
         mixer=mixer.name, K=pairs, T=s.length(pairs), m=slots, lr=lr, seed=seed, steps=s.steps,
         batch_size=s.batch_size, vocab_size=s.vocab_size, n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head,
         intermediate_size=s.intermediate_size, chunk_size=s.chunk_size, lattice_backend=s.lattice_backend,
-        warmup_fraction=s.warmup_fraction,
-        weight_decay=s.weight_decay, eval_examples=s.eval_examples, stop_at=s.stop_at,
+        warmup_fraction=s.warmup_fraction, weight_decay=s.weight_decay, eval_examples=s.eval_examples,
+        eval_every=s.eval_every, stop_at=s.stop_at,
     )
 
 
