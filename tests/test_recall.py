@@ -154,15 +154,17 @@ def test_summary_takes_the_best_lr_and_marks_settings_where_attention_fails_inva
     rows = [row("attention", 4, 1e-3, 0.995), row("attention", 4, 1e-2, 0.2), row("attention", 8, 1e-3, 0.6),
             row("lattice_exact", 4, 1e-3, 0.5), row("lattice_exact", 4, 1e-2, 0.7), row("lattice_exact", 8, 1e-3, 0.3),
             dict(key=dict(mixer="gated_deltanet", K=4, T=64, m=8, lr=1e-3, seed=0, steps=10), accuracy=None,
-                 error="RuntimeError: refused on this GPU")]
+                 error="RuntimeError: refused on this GPU"),
+            dict(key=dict(mixer="lattice_exact", K=4, T=64, m=8, lr=1e-3, seed=0, steps=99), accuracy=0.99)]
     summary = summarize(rows)
-    best = {(b["mixer"], b["K"]): b for b in summary["best"]}
+    best = {(b["mixer"], b["setting"]["K"]): b for b in summary["best"] if b["setting"]["steps"] == 10}
     assert best["attention", 4]["lr"] == 1e-3 and best["lattice_exact", 4]["lr"] == 1e-2
     assert best["lattice_exact", 4]["accuracy"] == 0.7 and best["lattice_exact", 4]["valid"] is True
     assert best["lattice_exact", 8]["valid"] is False and best["attention", 8]["valid"] is False
     assert summary["not_measured"][0]["reason"] == "RuntimeError: refused on this GPU"
     text = markdown(summary, ["cpu"])
     assert "0.700 @ lr 0.01 |" in text and "(invalid)" in text and "not measured" in text
+    assert "K=4, T=64, 99 steps" in text and "0.990 @ lr 0.001 (no attention row)" in text  # its own column
 
 
 def test_lm_rows_report_heldout_perplexity_and_speed(tiny_corpus, tmp_path):

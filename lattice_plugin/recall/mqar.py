@@ -200,70 +200,104 @@ def run_mqar(
 
 
 # ---------------------------------------------------------------------------------------------------- summary
+MIXER_FIELDS = ("mixer", "m", "chunk_size", "lattice_backend")
+"""Key fields that choose the model's mixer; the other fields (except lr and seed) make the task setting, the same
+for every mixer compared in one column."""
+
+
+def _task(key: dict[str, Any]) -> tuple:
+    """The task setting of a row's key (or of a summary entry's ``setting``), hashable."""
+    return tuple(sorted((k, v) for k, v in key.items() if k not in (*MIXER_FIELDS, "lr", "seed")))
+
+
+def _line(entry: dict[str, Any]) -> tuple:
+    return tuple(entry.get(k) for k in MIXER_FIELDS)
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Best learning rate per (mixer, K, T, m, steps): mean accuracy over seeds; which settings are valid."""
+    """Best learning rate per mixer line and task setting (mean accuracy over seeds), and each setting's validity:
+    whether attention reached ``VALID_ATTENTION`` there."""
     groups: dict[tuple, dict[float, list[float]]] = {}
     errors: dict[tuple, str] = {}
     for row in rows:
-        key = row["key"]
-        setting = (key["mixer"], key["K"], key["T"], key["m"], key["steps"])
+        setting = (_line(row["key"]), _task(row["key"]))
         if row.get("accuracy") is None:
             errors[setting] = row.get("error", "not measured")
-            continue
-        groups.setdefault(setting, {}).setdefault(key["lr"], []).append(row["accuracy"])
+        else:
+            groups.setdefault(setting, {}).setdefault(row["key"]["lr"], []).append(row["accuracy"])
+    attention: dict[tuple, float] = {}
     best = []
-    for (mixer, K, T, m, steps), by_lr in sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))):
+    for (line, task), by_lr in groups.items():
         means = {lr: sum(v) / len(v) for lr, v in by_lr.items()}
         lr = max(means, key=means.get)
-        best.append(dict(mixer=mixer, K=K, T=T, m=m, steps=steps, lr=lr, accuracy=means[lr],
+        if line[0] == "attention":
+            attention[task] = max(attention.get(task, 0.0), means[lr])
+        best.append(dict(zip(MIXER_FIELDS, line), setting=dict(task), lr=lr, accuracy=means[lr],
                          seeds=len(by_lr[lr]), lrs_tried=sorted(means)))
-    attention = {(b["K"], b["T"], b["steps"]): b["accuracy"] for b in best if b["mixer"] == "attention"}
-    valid = {f"K={K},T={T},steps={steps}": acc >= VALID_ATTENTION for (K, T, steps), acc in attention.items()}
     for b in best:
-        b["valid"] = valid.get(f"K={b['K']},T={b['T']},steps={b['steps']}")
-    not_measured = [dict(mixer=s[0], K=s[1], T=s[2], m=s[3], steps=s[4], reason=r)
-                    for s, r in errors.items() if s not in groups]
-    return dict(valid_attention_threshold=VALID_ATTENTION, validity=valid, best=best, not_measured=not_measured)
+        task = _task(b["setting"])
+        b["valid"] = attention[task] >= VALID_ATTENTION if task in attention else None
+    not_measured = [dict(zip(MIXER_FIELDS, line), setting=dict(task), reason=reason)
+                    for (line, task), reason in errors.items() if (line, task) not in groups]
+    return dict(valid_attention_threshold=VALID_ATTENTION, best=best, not_measured=not_measured)
+
+
+def _varying(dicts: list[dict[str, Any]], fields: tuple) -> list[str]:
+    return [f for f in fields if len({str(d.get(f)) for d in dicts}) > 1]
 
 
 def markdown(summary: dict[str, Any], devices: list[str]) -> str:
-    """Accuracy table: one line per mixer (and m), one column per K; invalid settings and failures say so."""
-    best, missing = summary["best"], summary["not_measured"]
-    columns = sorted({(b["K"], b["T"], b["steps"]) for b in best + missing})
-    lines_of = sorted({(b["mixer"], b["m"]) for b in best + missing}, key=lambda x: (list(MIXERS).index(x[0])
-                      if x[0] in MIXERS else 99, x[1] or 0))
-    header = "| mixer | m | " + " | ".join(f"K={K}, T={T}, {steps} steps" for K, T, steps in columns) + " |"
-    out = [f"MQAR accuracy, best learning rate (device: {', '.join(devices) or 'none'}; attention below "
-           f"{summary['valid_attention_threshold']:.0%} marks the column invalid)", "", header,
-           "|" + "---|" * (len(columns) + 2)]
-    for mixer, m in lines_of:
+    """Accuracy table: one line per mixer (and m), one column per task setting (K, T, steps and whatever else
+    differs); invalid settings and rows not measured say so."""
+    entries = summary["best"] + summary["not_measured"]
+    tasks = sorted({_task(e["setting"]) for e in entries},
+                   key=lambda t: (dict(t)["steps"], dict(t)["K"], dict(t)["T"], [str(v) for _, v in t]))
+    lines = sorted({_line(e) for e in entries}, key=lambda x: (list(MIXERS).index(x[0]) if x[0] in MIXERS else 99,
+                                                                [str(v) for v in x[1:]]))
+    settings = [e["setting"] for e in entries]
+    task_extra = [f for f in _varying(settings, tuple(k for k, _ in tasks[0])) if f not in ("K", "T", "steps")] \
+        if tasks else []
+    line_extra = _varying(entries, MIXER_FIELDS[2:])
+
+    def column(task: tuple) -> str:
+        t = dict(task)
+        return ", ".join([f"K={t['K']}, T={t['T']}, {t['steps']} steps"] + [f"{f}={t[f]}" for f in task_extra])
+
+    out = [f"MQAR accuracy, best learning rate (device: {', '.join(devices) or 'none'}; a column where attention "
+           f"stays below {summary['valid_attention_threshold']:.0%} is invalid)", "",
+           "| mixer | m | " + " | ".join(column(t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
+    for line in lines:
         cells = []
-        for K, T, steps in columns:
-            hit = [b for b in best if (b["mixer"], b["m"], b["K"], b["T"], b["steps"]) == (mixer, m, K, T, steps)]
-            miss = [x for x in missing if (x["mixer"], x["m"], x["K"], x["T"], x["steps"]) == (mixer, m, K, T, steps)]
+        for task in tasks:
+            hit = [b for b in summary["best"] if (_line(b), _task(b["setting"])) == (line, task)]
+            miss = [x for x in summary["not_measured"] if (_line(x), _task(x["setting"])) == (line, task)]
             if hit:
                 b = hit[0]
                 flag = "" if b["valid"] else (" (invalid)" if b["valid"] is False else " (no attention row)")
                 cells.append(f"{b['accuracy']:.3f} @ lr {b['lr']:g}{flag}")
             else:
                 cells.append("not measured" if miss else "pending")
-        out.append(f"| {mixer} | {m if m is not None else '-'} | " + " | ".join(cells) + " |")
-    for x in missing:
-        out.append(f"\n- {x['mixer']} K={x['K']} m={x['m']}: not measured: {x['reason']}")
+        label = line[0] + "".join(f", {f}={v}" for f, v in zip(MIXER_FIELDS[2:], line[2:]) if f in line_extra)
+        out.append(f"| {label} | {line[1] if line[1] is not None else '-'} | " + " | ".join(cells) + " |")
+    reasons = sorted({(x["mixer"], x["reason"]) for x in summary["not_measured"]})
+    out += [""] + [f"- {mixer}: not measured: {reason}" for mixer, reason in reasons]
     return "\n".join(out) + "\n"
 
 
 def plot(summary: dict[str, Any], path: Path, title: str) -> None:
-    """Accuracy vs K per mixer (at the most common m), and accuracy vs m per K for the Lattice variants."""
+    """Accuracy vs K per mixer (at m = 64 where measured), and accuracy vs m per K for the Lattice variants, for the
+    settings most rows share (the markdown table shows every setting)."""
     plt = pyplot()
     if plt is None or not summary["best"]:
         return
-    best = summary["best"]
+    families = [_task({k: v for k, v in b["setting"].items() if k not in ("K", "T")}) for b in summary["best"]]
+    main = max(set(families), key=families.count)  # the settings most rows share (steps, batch, ...), K aside
+    best = [b for b, family in zip(summary["best"], families) if family == main]
     ms = [b["m"] for b in best if b["m"] is not None]
     main_m = DEFAULT_SLOTS if DEFAULT_SLOTS in ms else (max(set(ms), key=ms.count) if ms else None)
     figure, (by_k, by_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for mixer in [name for name in MIXERS if any(b["mixer"] == name for b in best)]:
-        points = sorted((b["K"], b["accuracy"], b["valid"]) for b in best if b["mixer"] == mixer
+        points = sorted((b["setting"]["K"], b["accuracy"], b["valid"]) for b in best if b["mixer"] == mixer
                         and b["m"] in (main_m, None))
         if points:
             by_k.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=mixer)
@@ -273,8 +307,8 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
              title=f"MQAR, m = {main_m} (x: attention < {VALID_ATTENTION:.0%}, invalid)")
     by_k.legend(fontsize=7)
     for mixer in [name for name in MIXERS if MIXERS[name].lattice is not None]:
-        for K in sorted({b["K"] for b in best}):
-            points = sorted((b["m"], b["accuracy"]) for b in best if b["mixer"] == mixer and b["K"] == K)
+        for K in sorted({b["setting"]["K"] for b in best}):
+            points = sorted((b["m"], b["accuracy"]) for b in best if b["mixer"] == mixer and b["setting"]["K"] == K)
             if len(points) > 1:
                 by_m.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{mixer} K={K}")
     by_m.set(xscale="log", xlabel="slots m", ylabel="accuracy (best lr)", ylim=(-0.02, 1.02), title="slot count")
