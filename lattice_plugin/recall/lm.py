@@ -187,17 +187,18 @@ def run_lm(
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per mixer and setting: the best learning rate's held-out perplexity (mean over seeds) and tokens/s."""
+    """Per mixer and setting (every key field but lr and seed): the best learning rate's held-out perplexity (mean
+    over seeds) and tokens/s."""
     groups: dict[tuple, dict[float, list[dict]]] = {}
     for row in rows:
-        key = row["key"]
-        setting = (key["mixer"], key["m"], key["tokens"], key["seq_len"], key["n_layer"], key["n_embd"])
-        groups.setdefault(setting, {}).setdefault(key["lr"], []).append(row)
+        setting = tuple(sorted((k, v) for k, v in row["key"].items() if k not in ("lr", "seed")))
+        groups.setdefault(setting, {}).setdefault(row["key"]["lr"], []).append(row)
     table = []
-    for (mixer, m, tokens, seq_len, n_layer, n_embd), by_lr in groups.items():
+    for setting, by_lr in groups.items():
+        fields = dict(setting)
         measured = {lr: rs for lr, rs in by_lr.items() if all(r.get("heldout_ppl") for r in rs)}
-        entry = dict(mixer=mixer, m=m, tokens=tokens, seq_len=seq_len, n_layer=n_layer, n_embd=n_embd,
-                     device=sorted({r.get("device", "?") for rs in by_lr.values() for r in rs}))
+        entry = dict(mixer=fields["mixer"], m=fields["m"], tokens=fields["tokens"], steps=fields["steps"],
+                     setting=fields, device=sorted({r.get("device", "?") for rs in by_lr.values() for r in rs}))
         if not measured:
             entry["not_measured"] = next(r.get("error") for rs in by_lr.values() for r in rs)
         else:
@@ -205,8 +206,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             rs = measured[lr]
             speeds = [r["tokens_per_s"] for r in rs if r.get("tokens_per_s")]
             entry.update(lr=lr, seeds=len(rs), heldout_ppl=sum(r["heldout_ppl"] for r in rs) / len(rs),
-                         tokens_per_s=sum(speeds) / len(speeds) if speeds else None,
-                         parameters=rs[0]["parameters"], steps=rs[0]["key"]["steps"])
+                         tokens_per_s=sum(speeds) / len(speeds) if speeds else None, parameters=rs[0]["parameters"])
         table.append(entry)
     order = list(MIXERS)
     return sorted(table, key=lambda e: (order.index(e["mixer"]) if e["mixer"] in order else 99, e["m"] or 0))
