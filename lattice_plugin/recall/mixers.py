@@ -1,0 +1,146 @@
+"""The token mixers compared by ``lattice recall`` and the litgpt model each one builds.
+
+Every model is a :class:`~lattice_plugin.model.LatticeGPT` (litgpt's GPT and Block): attention is litgpt's own, the
+Lattice variants are the plugin's mixer with different :class:`~lattice_plugin.config.LatticeConfig` fields, and the
+FLA peers replace the mixer of every block (:mod:`.fla_mixer`). Embeddings, norms, MLPs and head are the same.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from lattice_plugin.config import LatticeConfig
+from lattice_plugin.errors import LatticeError
+from lattice_plugin.model import LatticeGPT
+from lattice_plugin.recall.fla_mixer import FLA_LAYERS, FLAMixer, fla_missing_reason
+
+
+@dataclass(frozen=True)
+class Mixer:
+    """A mixer: ``lattice`` holds the LatticeConfig fields of a Lattice variant, ``fla`` names an FLA layer; neither
+    means litgpt's softmax attention."""
+
+    name: str
+    description: str
+    lattice: dict[str, Any] | None = None
+    fla: str | None = None
+
+    @property
+    def has_state(self) -> bool:
+        """Whether the mixer has a fixed recurrent state (m x head size per head), i.e. whether m applies."""
+        return self.lattice is not None or self.fla is not None
+
+
+MIXERS: dict[str, Mixer] = {
+    mixer.name: mixer
+    for mixer in (
+        Mixer("attention", "litgpt's causal softmax attention (the upper bound: its cache grows with the sequence)"),
+        Mixer("lattice_exact", "Lattice, exact gates", dict(lattice_gates="exact")),
+        Mixer(
+            "lattice_chunk", "Lattice, gates frozen per chunk (the paper's approximation)",
+            dict(lattice_gates="chunk"),
+        ),
+        Mixer(
+            "lattice_additive", "Lattice ablation: additive write, then retraction",
+            dict(lattice_gates="exact", lattice_orthogonal=False),
+        ),
+        Mixer(
+            "lattice_no_retraction", "Lattice ablation: orthogonal write, no retraction to the sphere",
+            dict(lattice_gates="exact", lattice_normalize=False),
+        ),
+        Mixer("gla", "flash-linear-attention's Gated Linear Attention", fla="gla"),
+        Mixer("deltanet", "flash-linear-attention's DeltaNet", fla="deltanet"),
+        Mixer("gated_deltanet", "flash-linear-attention's Gated DeltaNet", fla="gated_deltanet"),
+    )
+}
+BUILT_IN = tuple(name for name, mixer in MIXERS.items() if mixer.fla is None)
+assert set(FLA_LAYERS) == {mixer.fla for mixer in MIXERS.values() if mixer.fla}
+
+
+def parse_mixers(text: str) -> list[Mixer]:
+    """``all``, ``built-in`` or comma-separated names from :data:`MIXERS`."""
+    names = {"all": list(MIXERS), "built-in": list(BUILT_IN)}.get(text.strip())
+    if names is None:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in MIXERS]
+    if unknown or not names:
+        raise LatticeError(
+            f"unknown mixer {unknown[0] if unknown else text!r}; choose from all, built-in, {', '.join(MIXERS)}"
+        )
+    return [MIXERS[name] for name in dict.fromkeys(names)]
+
+
+def unavailable_reason(mixer: Mixer) -> str | None:
+    """Why ``mixer`` cannot be trained on this machine (None: it can)."""
+    return fla_missing_reason() if mixer.fla else None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The litgpt model every mixer shares; ``slots`` is m (Lattice) and the key dimension per head (FLA)."""
+
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    intermediate_size: int
+    slots: int
+    chunk_size: int = 64
+    lattice_backend: str = "auto"
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def build_model(mixer: Mixer, shape: ModelShape) -> LatticeGPT:
+    """A freshly initialised model of ``shape`` with ``mixer`` in every block."""
+    if shape.n_embd % shape.n_head:
+        raise LatticeError(f"the width {shape.n_embd} must be a multiple of the number of heads {shape.n_head}")
+    if shape.slots < 1:
+        raise LatticeError(f"the slot count m must be >= 1, got {shape.slots}")
+    lattice = mixer.lattice or {}
+    config = LatticeConfig(
+        name=f"recall-{mixer.name}",
+        block_size=shape.block_size,
+        vocab_size=shape.vocab_size,
+        padding_multiple=64,
+        n_layer=shape.n_layer,
+        n_head=shape.n_head,
+        n_query_groups=shape.n_head,
+        n_embd=shape.n_embd,
+        rotary_percentage=1.0,
+        parallel_residual=False,
+        bias=False,
+        norm_class_name="RMSNorm",
+        mlp_class_name="LLaMAMLP",
+        intermediate_size=shape.intermediate_size,
+        lattice_layers="all" if mixer.lattice is not None else None,
+        lattice_slots=shape.slots,
+        lattice_chunk_size=shape.chunk_size,
+        lattice_backend=shape.lattice_backend,
+        **lattice,
+    )
+    model = LatticeGPT(config)
+    if mixer.fla:
+        for block_idx, block in enumerate(model.transformer.h):
+            block.attn = FLAMixer(mixer.fla, shape.n_embd, shape.n_head, shape.head_size, shape.slots, block_idx)
+    init_weights(model)
+    return model
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """GPT-2's initialisation of every linear and embedding weight (biases zero), the same for every mixer; the
+    mixers' own parameters (Lattice's code maps and initial slots, FLA's decay parameters) keep their initialisers."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def state_numbers_per_head(mixer: Mixer, shape: ModelShape) -> int | None:
+    """Recurrent state per head and layer in numbers (m x head size); None for attention, whose cache grows."""
+    return shape.slots * shape.head_size if mixer.has_state else None

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# `lattice recall` on one GPU, in calls of at most 10 minutes (issue 17). Every part resumes: the rows already in
+# reports/recall/<part>.json are copied to $OUT first and skipped, new rows are appended to $OUT/<part>.json as they
+# finish (atomically), and a row that would overrun BUDGET_S is left for the next call. After each call, copy the
+# returned files over reports/recall/ and commit them, so that the next call carries them and continues.
+#   PART=mqar    MIXERS=... PAIRS=16,32,64,128 SLOTS=64 LRS=3e-4,1e-3,3e-3,1e-2 STEPS=6000 [STOP_AT=0.99]
+#                (accuracy vs K)
+#   PART=slots   same rows file, default MIXERS=lattice_exact SLOTS=16,32,64,128 (m = 64 rows are reused) (vs m)
+#   PART=lm      MIXERS=... TOKENS=3276800                                     (perplexity and tokens/s per mixer)
+#   PART=passkey  teacher-small (pretrain) -> convert -> distill small -> lattice_passkey at and beyond 256 tokens
+# Run it with the device tool from the repository root (carry .whl):  OUT=$OUT PART=mqar bash reports/run_recall_gpu.sh
+# EXTRA="..." adds flags to the recall command (e.g. a CPU rehearsal: EXTRA="--device cpu --vocab-size 64 ...").
+# MQAR runs PARALLEL=4 processes on the one GPU (disjoint rows, one results file); their accuracy is unaffected, their
+# tokens/s are not speed measurements (`lattice recall lm` runs alone and gives those).
+# FLA's layers (gla, deltanet, gated_deltanet) run when .whl holds the fla_core and flash_linear_attention wheels.
+[ -d .whl ] || { [ -d ../../.whl ] && ln -s ../../.whl .whl; }  # run from a worktree in .wt/NAME of the checkout
+source "$(dirname "$0")/gpu_common.sh"
+if [ -d .whl ] && ls .whl/flash_linear_attention-*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    .whl/fla_core-*.whl .whl/flash_linear_attention-*.whl || log "fla wheels did not install: FLA rows are skipped"
+fi
+PART=${PART:-mqar}
+BUDGET_S=${BUDGET_S:-420}   # of the call's 600 s: the install, the last row's overrun and the copy-back need the rest
+R=reports/recall
+resume() {  # resume NAME: the committed rows of NAME.json become the starting point in $OUT
+  [ -f "$R/$1.json" ] && cp "$R/$1.json" "$OUT/$1.json"
+  return 0
+}
+PARALLEL=${PARALLEL:-4}  # MQAR rows are small: this many processes share the GPU (--shard), each its own rows
+mqar_sharded() {  # mqar_sharded NAME: PARALLEL shards into $OUT/NAME.json, then the summary of all rows
+  local i pids=()
+  log "== $1: $PARALLEL shards of: $L recall mqar $(mqar_args) --results $OUT/$1.json"
+  for ((i = 0; i < PARALLEL; i++)); do
+    timeout 580 $L recall mqar $(mqar_args) --results "$OUT/$1.json" --shard "$i/$PARALLEL" \
+      > "$W/reports/$1-shard$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"; log "   shard $i: exit $?"; tail -n 5 "$W/reports/$1-shard$i.log" >> "$LOG"
+  done
+  $L recall mqar $(mqar_args) --budget-s 0 --results "$OUT/$1.json" > /dev/null  # summary of every row (runs none)
+  rm -f "$OUT/$1.json.lock"
+  pack
+}
+mqar_args() {
+  echo --mixers "$MIXERS" --pairs "${PAIRS:-16,32,64,128}" --slots "$SLOTS" --lrs "${LRS:-3e-4,1e-3,3e-3,1e-2}" \
+    --steps "${STEPS:-6000}" --budget-s "$BUDGET_S" ${STOP_AT:+--stop-at $STOP_AT} ${EXTRA:-}
+}
+case "$PART" in
+  mqar)
+    MIXERS=${MIXERS:-all} SLOTS=${SLOTS:-64}
+    resume mqar
+    mqar_sharded mqar
+    cat "$OUT/mqar.md" ;;
+  slots)
+    MIXERS=${MIXERS:-lattice_exact} SLOTS=${SLOTS:-16,32,64,128}
+    resume mqar
+    mqar_sharded mqar
+    cat "$OUT/mqar.md" ;;
+  lm)
+    resume lm
+    step lm 580 $L recall lm --mixers "${MIXERS:-all}" --tokens "${TOKENS:-3276800}" --budget-s "$BUDGET_S" \
+      --work "$W/lm" --results "$OUT/lm.json" ${EXTRA:-}
+    cat "$OUT/lm.md" ;;
+  passkey)
+    step corpus 120 $L corpus "$W/corpus" --force
+    step teacher 240 env LATTICE_COMPILE=0 $L pretrain --config recipes/pretrain/teacher-small.yaml \
+      --out_dir "$W/teacher" --tokenizer_dir "$W/corpus/tokenizer" --data.init_args.train_data_path "$W/corpus/train" \
+      --data.init_args.val_data_path "$W/corpus/val"
+    step convert 120 $L convert "$W/teacher/final" --out "$W/student" --force
+    use_checked_backend "$W/student"
+    step distill 200 $L distill --config recipes/distill/small.yaml --teacher_dir "$W/teacher/final" \
+      --student_dir "$W/student" --out_dir "$W/distill" --data.init_args.train_data_path "$W/corpus/train" \
+      --data.init_args.val_data_path "$W/corpus/val" --devices 1
+    cp "$W/distill/report.json" "$OUT/passkey-distill-report.json" 2>/dev/null
+    step passkey 150 $L recall passkey "$W/teacher/final" "$W/distill/final" \
+      --lengths "${LENGTHS:-128,192,384,768,1536}" \
+      --items "${ITEMS:-20}" --out "$W/passkey/passkey.json"
+    cp "$W"/passkey/passkey.{json,md,png} "$OUT/" 2>/dev/null
+    cat "$OUT/passkey.md" ;;
+  *) log "unknown PART=$PART (mqar, slots, lm, passkey)"; exit 2 ;;
+esac
+log "done"
