@@ -16,12 +16,26 @@ from typing import Any
 import torch
 from litgpt.model import Block
 
-from lattice_plugin.checkpoint import atomic_directory, atomic_write, check_state_dict, find_weights, load_config, load_model, load_state_dict
-from lattice_plugin.distill.args import DistillConfig
+from lattice_plugin.checkpoint import (
+    atomic_directory,
+    atomic_write,
+    check_state_dict,
+    describe_stale,
+    find_weights,
+    load_config,
+    load_model,
+    load_state_dict,
+    remove_stale_temporaries,
+    tensor_bytes,
+    validate_checkpoint,
+)
+from lattice_plugin.distill.args import DistillConfig, recipe_difference
 from lattice_plugin.distill.checkpointing import (
     final_dir,
     is_fsdp,
+    prune_checkpoints,
     read_checkpoint,
+    read_training_state,
     save_checkpoint,
     set_rng_state,
     stage_dir,
@@ -34,6 +48,7 @@ from lattice_plugin.model import LatticeBlock
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "prompt_style.yaml")
 STAGE_FILE = "stage.json"
 REPORT_FILE = "report.json"
+RECIPE_FILE = "distill_config.json"  # the recipe of the run that started OUT (never overwritten by a resume)
 STAGE_NAMES = {1: "attention transfer", 2: "logit distillation"}
 
 
@@ -117,8 +132,7 @@ def plan_resume(config: DistillConfig) -> tuple[int, Path | None]:
         return 1, None
     if isinstance(config.resume, Path):
         checkpoint = config.resume
-        _, state = read_checkpoint(checkpoint)
-        return int(state["stage"]), checkpoint
+        return int(read_training_state(checkpoint)["stage"]), checkpoint
     if done[2]:
         return 3, None
     if steps[2]:
@@ -128,6 +142,29 @@ def plan_resume(config: DistillConfig) -> tuple[int, Path | None]:
     if steps[1]:
         return 1, steps[1][-1]
     raise LatticeError(f"--resume: {str(out_dir)!r} holds no checkpoint to resume from")
+
+
+def check_same_recipe(config: DistillConfig, checkpoint: Path | None) -> None:
+    """Refuse to resume with a recipe that changes the run: compared with the recipe stored in the checkpoint being
+    continued (else with ``OUT/distill_config.json``), every key but :data:`~lattice_plugin.distill.args.
+    MAY_CHANGE_ON_RESUME`; the first difference is named."""
+    if checkpoint is not None:
+        stored, source = read_training_state(checkpoint).get("config"), checkpoint
+    else:
+        source = Path(config.out_dir) / RECIPE_FILE
+        try:
+            stored = json.loads(source.read_text(encoding="utf-8")) if source.is_file() else None
+        except (OSError, ValueError) as error:
+            raise LatticeError(f"cannot read {str(source)!r}: {error}") from None
+    if not isinstance(stored, dict):
+        raise LatticeError(f"--resume: {str(source)!r} holds no recipe to compare this one with")
+    difference = recipe_difference(stored, config.to_dict())
+    if difference is not None:
+        key, old, new = difference
+        raise LatticeError(
+            f"--resume: {key} is {new!r} but the run in {str(source)!r} used {old!r}; resume with its settings, or "
+            "start a new run in another --out_dir"
+        )
 
 
 def teacher_dtype(fabric: Any) -> torch.dtype:
@@ -394,6 +431,7 @@ class Stage:
                     bar.print(f"stage {stage} | step {step} | saved {path}")
                     if fabric.is_global_zero:
                         logger.save()
+                        prune_checkpoints(config.out_dir, stage, config.train.keep_last)
 
         peak_memory = peak_memory_per_rank(fabric)
         end = heldout_loss(fabric, model, val_loader(), config.eval.final_max_iters)
@@ -440,7 +478,8 @@ class Stage:
         if fabric.is_global_zero:
             if model_config is not base_config and hasattr(model_config, "lora_r"):
                 state = merged_weights(state, base_config, model_config)
-            with atomic_directory(final_dir(self.config.out_dir, self.stage), force=True) as tmp_dir:
+            out = final_dir(self.config.out_dir, self.stage)
+            with atomic_directory(out, force=True, needed_bytes=tensor_bytes(state)) as tmp_dir:
                 save_safetensors(state, tmp_dir / "model.safetensors")
                 save_config(base_config, tmp_dir)
                 for name in TOKENIZER_FILES:
@@ -508,10 +547,12 @@ def run(fabric: Any, config: DistillConfig) -> dict[str, Any] | None:
     out_dir = Path(config.out_dir)
     student_dir = Path(config.student_dir)
     teacher_dir = resolve_teacher(config)
-    student_config = load_config(student_dir)
-    teacher_config = load_config(teacher_dir)
+    student_config = validate_checkpoint(student_dir, tokenizer=True)
+    teacher_config = validate_checkpoint(teacher_dir)
     check_pair(teacher_config, student_config, teacher_dir, student_dir)
     first_stage, checkpoint = plan_resume(config)
+    if config.resume is not False:
+        check_same_recipe(config, checkpoint)
     seq_len = config.train.max_seq_length or student_config.block_size
     if seq_len > min(student_config.block_size, teacher_config.block_size):
         raise LatticeError(
@@ -519,12 +560,15 @@ def run(fabric: Any, config: DistillConfig) -> dict[str, Any] | None:
             f"({teacher_config.block_size}, {student_config.block_size})"
         )
     fabric.seed_everything(config.seed)
-    if fabric.is_global_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_dir / "distill_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     data = prepare_data(fabric, config, seq_len)
-
     teacher = load_model(teacher_dir, device=fabric.device, dtype=teacher_dtype(fabric))
+    if fabric.is_global_zero:  # inputs read: from here on the run writes
+        for directory in (out_dir.parent, out_dir, stage_dir(out_dir, 1), stage_dir(out_dir, 2)):
+            stale = describe_stale(*remove_stale_temporaries(directory))
+            if stale:
+                fabric.print(f"{directory}: {stale}")
+        if config.resume is False or not (out_dir / RECIPE_FILE).is_file():
+            atomic_write(out_dir / RECIPE_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
     teacher.requires_grad_(False)
     teacher.max_seq_length = seq_len
     teacher_eval = heldout_loss(fabric, teacher, data.val_dataloader(), config.eval.final_max_iters, autocast=False)
