@@ -304,6 +304,31 @@ def test_bad_recipe_keys_are_one_clear_error(pair, tiny_corpus, tmp_path):
             parse(argv)
 
 
+def test_distill_modules_import_one_another_without_a_cycle():
+    """args.py used to import trainer.py (inside a function), which imports args.py. Every import statement counts,
+    function-level ones included."""
+    import ast
+
+    import lattice_plugin.distill as package
+
+    folder = Path(package.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lattice_plugin.distill."):
+                imported.add(node.module.rsplit(".", 1)[1])
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.rsplit(".", 1)[1] for a in node.names if a.name.startswith("lattice_plugin.distill.")}
+        graph[path.stem] = imported
+    assert {"trainer", "stage", "fabric", "report", "args"} <= set(graph)
+
+    def reaches(start: str, target: str, seen: set) -> bool:
+        return any(n == target or (n not in seen and reaches(n, target, seen | {n})) for n in graph.get(start, ()))
+
+    assert [module for module in graph if reaches(module, module, set())] == []
+
+
 @pytest.mark.parametrize("teacher_forcing", [True, False])
 def test_attention_transfer_under_fsdp_takes_the_same_step(pair, teacher_forcing, tmp_path):
     """Under FSDP the layer losses must reach each block through its output, or the backward finds the block's

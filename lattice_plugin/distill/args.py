@@ -114,7 +114,7 @@ class EvalArgs:
     """Context lengths at which the report gives the generation-cache bytes of teacher and student."""
 
 
-def setup(
+def recipe(
     student_dir: Path,
     teacher_dir: Path | None = None,
     out_dir: Path = Path("out/distill"),
@@ -130,8 +130,11 @@ def setup(
     resume: bool | Path = False,
     logger_name: str = "csv",
     seed: int = 42,
-) -> None:
+) -> DistillConfig:
     """Distill a converted Lattice checkpoint from its attention teacher: attention transfer, then logit KD.
+
+    The recipe as a signature, for jsonargparse (the keys and their help) and for Python:
+    ``distill(recipe(student_dir=..., ...))`` (:func:`lattice_plugin.distill.trainer.distill`).
 
     Args:
         student_dir: The converted checkpoint (``lattice convert`` output) to distill.
@@ -151,14 +154,12 @@ def setup(
         logger_name: csv, tensorboard, wandb or mlflow.
         seed: Random seed (data order, LoRA initialisation).
     """
-    from lattice_plugin.distill.trainer import distill
-
-    distill(DistillConfig(**{k: v for k, v in locals().items()}))
+    return DistillConfig(**locals())
 
 
 @dataclass
 class DistillConfig:
-    """The parsed recipe (``setup``'s arguments)."""
+    """The parsed recipe (:func:`recipe`'s arguments)."""
 
     student_dir: Path
     teacher_dir: Path | None = None
@@ -320,7 +321,7 @@ def validate(config: DistillConfig) -> None:
 
 
 def build_parser():
-    """The jsonargparse parser of ``setup`` with ``--config`` (errors raised, not printed: see :func:`parse`)."""
+    """The jsonargparse parser of :func:`recipe` with ``--config`` (errors raised, not printed: see :func:`parse`)."""
     import jsonargparse
     from jsonargparse import ActionConfigFile, ArgumentParser
     from litgpt.data import DataModule
@@ -336,7 +337,7 @@ def build_parser():
         exit_on_error=False,
     )
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML recipe (recipes/distill/*.yaml).")
-    parser.add_function_arguments(setup, skip={"data"})
+    parser.add_function_arguments(recipe, skip={"data"})
     parser.add_subclass_arguments(DataModule, "data", required=False, instantiate=True, default=None)
     return parser
 

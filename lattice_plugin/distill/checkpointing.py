@@ -29,6 +29,8 @@ from lattice_plugin.errors import LatticeError, first_line
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
+STAGE_FILE = "stage.json"  # in a stage's final/: its report, written last (the stage is done when it exists)
+STAGE_NAMES = {1: "attention transfer", 2: "logit distillation"}
 FORMAT = 1
 STEP_PATTERN = re.compile(r"step-(\d+)")
 
