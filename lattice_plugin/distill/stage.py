@@ -123,6 +123,49 @@ class Stage:
         self.fabric.print(message)
         sys.stdout.flush()
 
+    def read_resumable(self, checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Weights and training state of a checkpoint this stage can continue (same stage, trainable parameters,
+        world size and strategy; the recipe was compared before the run started)."""
+        weights, state = read_checkpoint(checkpoint)
+        if int(state["stage"]) != self.stage:
+            raise LatticeError(f"checkpoint {str(checkpoint)!r} is of stage {state['stage']}, not stage {self.stage}")
+        if state.get("trainable") != self.trainable:
+            raise LatticeError(
+                f"checkpoint {str(checkpoint)!r} trained {state.get('trainable')!r} parameters; the recipe now says "
+                f"{self.trainable!r}"
+            )
+        if state.get("world_size") != self.fabric.world_size or state.get("fsdp") != is_fsdp(self.fabric):
+            raise LatticeError(
+                f"checkpoint {str(checkpoint)!r} was written by {state.get('world_size')} process(es) "
+                f"(fsdp={state.get('fsdp')}); resume it with the same devices and strategy"
+            )
+        return weights, state
+
+    def accumulate_gradients(self, model: Any, iterator: Any, transfer: Any) -> dict[str, torch.Tensor]:
+        """Forward and backward over one optimizer step's micro-batches; returns the step's mean loss terms."""
+        from lattice_plugin.distill.losses import distillation_loss
+
+        fabric, args = self.fabric, self.args
+        totals: dict[str, torch.Tensor] = {}
+        for micro in range(self.accumulation):
+            batch = next(iterator).to(fabric.device, non_blocking=True)
+            inputs, targets = batch[:, :-1].long(), batch[:, 1:].long()
+            with fabric.no_backward_sync(model, enabled=micro < self.accumulation - 1):
+                if transfer is not None:
+                    loss, per_layer = transfer.pop(model(inputs))
+                    parts = {"mse_layer_max": per_layer.max()}
+                else:
+                    with torch.inference_mode(), fabric.autocast():
+                        teacher_logits = self.teacher(inputs)
+                    logits = model(inputs)
+                    loss, parts = distillation_loss(
+                        logits, teacher_logits, targets, args.temperature, args.kl_weight, args.ce_weight
+                    )
+                fabric.backward(loss / self.accumulation)
+            for key, value in {"loss": loss.detach(), **parts}.items():
+                totals[key] = totals.get(key, 0) + value.detach().float() / self.accumulation
+        return totals
+
     def run(self, init_dir: Path, checkpoint: Path | None, start_metrics: dict | None = None) -> dict[str, Any]:
         """Train the stage from ``init_dir`` (or continue ``checkpoint``); write its final student; return its report.
 
@@ -131,24 +174,12 @@ class Stage:
         from litgpt.utils import CycleIterator, choose_logger
 
         from lattice_plugin.distill.evaluation import heldout_loss
-        from lattice_plugin.distill.losses import AttentionTransfer, distillation_loss, set_trainable
+        from lattice_plugin.distill.losses import AttentionTransfer, set_trainable
 
         fabric, config, args, stage = self.fabric, self.config, self.args, self.stage
         base_config = load_config(init_dir)
         if checkpoint is not None:
-            weights, state = read_checkpoint(checkpoint)
-            if int(state["stage"]) != stage:
-                raise LatticeError(f"checkpoint {str(checkpoint)!r} is of stage {state['stage']}, not stage {stage}")
-            if state.get("trainable") != self.trainable:
-                raise LatticeError(
-                    f"checkpoint {str(checkpoint)!r} trained {state.get('trainable')!r} parameters; the recipe now says "
-                    f"{self.trainable!r}"
-                )
-            if state.get("world_size") != fabric.world_size or state.get("fsdp") != is_fsdp(fabric):
-                raise LatticeError(
-                    f"checkpoint {str(checkpoint)!r} was written by {state.get('world_size')} process(es) "
-                    f"(fsdp={state.get('fsdp')}); resume it with the same devices and strategy"
-                )
+            weights, state = self.read_resumable(checkpoint)
             source = checkpoint
         else:
             weights, state, source = load_state_dict(find_weights(init_dir)), None, init_dir
@@ -211,24 +242,7 @@ class Stage:
         with context, bar:
             while progress["step"] < self.max_steps:
                 t0 = time.perf_counter()
-                totals: dict[str, torch.Tensor] = {}
-                for micro in range(self.accumulation):
-                    batch = next(iterator).to(fabric.device, non_blocking=True)
-                    inputs, targets = batch[:, :-1].long(), batch[:, 1:].long()
-                    with fabric.no_backward_sync(model, enabled=micro < self.accumulation - 1):
-                        if transfer is not None:
-                            loss, per_layer = transfer.pop(model(inputs))
-                            parts = {"mse_layer_max": per_layer.max()}
-                        else:
-                            with torch.inference_mode(), fabric.autocast():
-                                teacher_logits = self.teacher(inputs)
-                            logits = model(inputs)
-                            loss, parts = distillation_loss(
-                                logits, teacher_logits, targets, args.temperature, args.kl_weight, args.ce_weight
-                            )
-                        fabric.backward(loss / self.accumulation)
-                    for key, value in {"loss": loss.detach(), **parts}.items():
-                        totals[key] = totals.get(key, 0) + value.detach().float() / self.accumulation
+                totals = self.accumulate_gradients(model, iterator, transfer)
                 if config.train.max_norm is not None:
                     fabric.clip_gradients(model, optimizer, max_norm=config.train.max_norm)
                 optimizer.step()
@@ -264,22 +278,10 @@ class Stage:
                     logger.log_metrics({"val_loss": val["loss"], "val_ppl": val["ppl"]}, step=step)
                     bar.print(f"stage {stage} | step {step} | validation loss {val['loss']:.4f}, perplexity {val['ppl']:.2f}")
                 if config.train.save_interval and step % config.train.save_interval == 0 and step < self.max_steps:
-                    path = step_dir(config.out_dir, stage, step)
-                    training_state = {
-                        "stage": stage,
-                        **progress,
-                        "trainable": self.trainable,
-                        "world_size": fabric.world_size,
-                        "fsdp": is_fsdp(fabric),
-                        "scheduler": scheduler.state_dict(),
-                        "data": loader.state_dict() if hasattr(loader, "state_dict") else None,
-                        "config": config.to_dict(),
-                    }
-                    save_checkpoint(fabric, model, optimizer, path, training_state, model_config)
+                    path = self.save_step(model, optimizer, scheduler, loader, progress, model_config)
                     bar.print(f"stage {stage} | step {step} | saved {path}")
                     if fabric.is_global_zero:
                         logger.save()
-                        prune_checkpoints(config.out_dir, stage, config.train.keep_last)
 
         peak_memory = peak_memory_per_rank(fabric)
         end = heldout_loss(fabric, model, val_loader(), config.eval.final_max_iters)
@@ -313,6 +315,28 @@ class Stage:
             report.update(temperature=args.temperature, kl_weight=args.kl_weight, ce_weight=args.ce_weight)
         self.write_final(model, model_config, base_config, init_dir, report, trainable_names)
         return report
+
+    def save_step(
+        self, model: Any, optimizer: Any, scheduler: Any, loader: Any, progress: dict[str, Any], model_config: Any
+    ) -> Path:
+        """Write the resumable checkpoint of the step just taken (all ranks call it), then drop those beyond
+        ``train.keep_last``."""
+        fabric, config = self.fabric, self.config
+        path = step_dir(config.out_dir, self.stage, progress["step"])
+        training_state = {
+            "stage": self.stage,
+            **progress,
+            "trainable": self.trainable,
+            "world_size": fabric.world_size,
+            "fsdp": is_fsdp(fabric),
+            "scheduler": scheduler.state_dict(),
+            "data": loader.state_dict() if hasattr(loader, "state_dict") else None,
+            "config": config.to_dict(),
+        }
+        save_checkpoint(fabric, model, optimizer, path, training_state, model_config)
+        if fabric.is_global_zero:
+            prune_checkpoints(config.out_dir, self.stage, config.train.keep_last)
+        return path
 
     def write_final(self, model: Any, model_config: Any, base_config: Any, init_dir: Path, report: dict, names: list) -> None:
         """The stage's student as a normal checkpoint directory (LoRA merged), with its stage report."""

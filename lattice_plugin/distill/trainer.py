@@ -1,6 +1,6 @@
 """The distillation run (``lattice distill``): inputs checked, resumption planned (and refused when the recipe
 changed), the two stages run (:mod:`~lattice_plugin.distill.stage`) under Lightning Fabric
-(:mod:`~lattice_plugin.distill.fabric`), and the final student and report written (:mod:`~lattice_plugin.distill.report`).
+(:mod:`~lattice_plugin.distill.fabric`), the final student and report written (:mod:`~lattice_plugin.distill.report`).
 """
 
 from __future__ import annotations
