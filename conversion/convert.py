@@ -22,10 +22,13 @@ import torch
 from lattice_plugin.checkpoint import (
     atomic_directory,
     check_state_dict,
+    describe_stale,
     find_weights,
     load_config,
     load_state_dict,
+    remove_stale_temporaries,
     save_safetensors,
+    tensor_bytes,
 )
 from lattice_plugin.config import FEATURE_MAPS, GATE_MODES, LatticeConfig, parse_layer_spec
 from lattice_plugin.errors import LatticeError
@@ -272,20 +275,29 @@ def convert_checkpoint(
     except OSError as error:
         raise LatticeError(f"cannot read {error.filename!r}: {error.strerror}") from None
 
-    with atomic_directory(out_dir, force=force) as tmp_dir:
-        if state_dict is None:
+    converted = None
+    if state_dict is not None:  # in memory: what will be written, and its size, are known before writing
+        converted = convert_state_dict(state_dict, target, dtype=dtype, seed=options.seed)
+        del state_dict
+    needed = None if converted is None else tensor_bytes(converted) + sum(p.stat().st_size for p in tokenizer_files)
+    stale = describe_stale(*remove_stale_temporaries(out_dir.parent))
+    if stale:
+        log(stale)
+    with atomic_directory(out_dir, force=force, needed_bytes=needed) as tmp_dir:
+        if converted is None:
             log(f"importing the Hugging Face checkpoint with litgpt (config {model_name!r})")
             import_dir = hf.import_checkpoint(source_dir, tmp_dir / ".hf-import", model_name)
             state_dict = load_state_dict(import_dir / "lit_model.pth")
             check_source_weights(config, state_dict, source_dir)
+            converted = convert_state_dict(state_dict, target, dtype=dtype, seed=options.seed)
+            del state_dict
         log(
-            f"converting layers {layers} of {config.n_layer} to Lattice "
+            f"converted layers {layers} of {config.n_layer} to Lattice "
             f"(m={target.lattice_slots}, feature map {target.lattice_feature_map}, gates {target.lattice_gates})"
         )
-        converted = convert_state_dict(state_dict, target, dtype=dtype, seed=options.seed)
         log(f"writing {out_dir / WEIGHTS_FILE}")
         save_safetensors(converted, tmp_dir / WEIGHTS_FILE)
-        del state_dict, converted
+        del converted
         shutil.rmtree(tmp_dir / ".hf-import", ignore_errors=True)
         save_config(target, tmp_dir)
         for path in tokenizer_files:

@@ -53,3 +53,31 @@ def run_lattice(*args: str, cwd: Path, check: bool = True) -> subprocess.Complet
     if check and result.returncode != 0:
         raise AssertionError(f"lattice {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str]:
+    """Run ``lattice ARGS`` in this process (the console script's ``main``); return (exit code, stderr)."""
+    from lattice_plugin.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lattice", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return code, capsys.readouterr().err
+
+
+def enospc_save_file(limit: int, fails=lambda filename: True):
+    """A stand-in for safetensors' ``save_file`` on a file system with ``limit`` bytes left: for the files ``fails``
+    selects it writes what fits, then fails as safetensors' Rust writer does on ENOSPC (a simulated full disk)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save, save_file
+
+    def writer(tensors, filename, metadata=None):
+        if not fails(str(filename)):
+            return save_file(tensors, filename, metadata)
+        Path(filename).write_bytes(save(tensors, metadata)[:limit])
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    return writer

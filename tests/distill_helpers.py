@@ -90,7 +90,7 @@ def _fsdp(model: torch.nn.Module) -> torch.nn.Module:
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from lattice_plugin.distill.trainer import FSDP_UNITS
+    from lattice_plugin.distill.fabric import FSDP_UNITS
 
     return FullyShardedDataParallel(
         model, auto_wrap_policy=ModuleWrapPolicy(FSDP_UNITS), use_orig_params=True, device_id=torch.device("cpu")

@@ -18,6 +18,7 @@ import torch
 from convert_helpers import ARCHITECTURES, LAYOUTS, LLAMA, write_hf_llama_checkpoint, write_litgpt_checkpoint
 from convert_helpers import make_tokenizer
 
+from conftest import run_cli
 from lattice_plugin.checkpoint import find_weights, load_model, load_state_dict
 from lattice_plugin.conversion import convert as convert_module
 from lattice_plugin.conversion.convert import ConversionOptions, convert_checkpoint, sha256
@@ -48,19 +49,6 @@ def hybrid_llama(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Pa
     """The Llama-style model with layers 1 and 3 converted."""
     out = tmp_path_factory.mktemp("hybrid") / "llama-lattice"
     return convert_checkpoint(sources["llama"], out, ConversionOptions(layers="every:2"))
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str]:
-    """Run ``lattice ARGS`` in this process (the console script's ``main``); return (exit code, stderr)."""
-    from lattice_plugin.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["lattice", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    return code, capsys.readouterr().err
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

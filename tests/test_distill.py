@@ -2,13 +2,18 @@
 stage trains, the report, resumption, and the errors for bad checkpoints and recipes."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_lattice
+from conftest import enospc_save_file, run_lattice
 from distill_helpers import distill_flags, make_pair
 from lattice_plugin.checkpoint import load_model, load_state_dict
 from lattice_plugin.distill.args import parse
@@ -132,6 +137,115 @@ def test_resume_after_a_stop_gives_the_same_losses(full_run, pair, tiny_corpus, 
     assert resumed["perplexity"]["stage2"] == pytest.approx(reference["perplexity"]["stage2"], rel=1e-5)
 
 
+def test_resume_refuses_a_changed_recipe_and_keeps_the_original(full_run, pair, tiny_corpus, tmp_path):
+    """Only stage, trainable, world size and FSDP used to be compared: a changed learning rate, batch or seed silently
+    continued the old run, and distill_config.json was overwritten with the new settings."""
+    source = full_run["out_dir"]
+    stopped = tmp_path / "stopped"  # a stop in stage 1: compared with the checkpoint's recipe
+    shutil.copytree(source / "stage1" / "step-000002", stopped / "stage1" / "step-000002")
+    for flags, message in [
+        (["--stage1.lr", "0.1"], "stage1.lr is 0.1 but the run in .*step-000002' used 0.05"),
+        (["--train.global_batch_size", "8"], "train.global_batch_size is 8 .* used 4"),
+        (["--seed", "7"], "seed is 7 .* used 42"),
+        (["--data.init_args.val_data_path", str(tiny_corpus / "train")], "data.init_args.val_data_path"),
+    ]:
+        with pytest.raises(LatticeError, match=message):
+            run_in_process(pair, tiny_corpus, stopped, "--resume", "true", *flags)
+    assert sorted(path.name for path in stopped.iterdir()) == ["stage1"]  # nothing written
+    # both stages done: compared with OUT/distill_config.json, which is never overwritten
+    finished = Path(shutil.copytree(source, tmp_path / "finished"))
+    recipe = (finished / "distill_config.json").read_bytes()
+    with pytest.raises(LatticeError, match="stage2.lr is 0.01 but the run in .*distill_config.json' used 0.002"):
+        run_in_process(pair, tiny_corpus, finished, "--resume", "true", "--stage2.lr", "0.01")
+    report = run_in_process(  # what only changes logging, checkpointing or the report may differ
+        pair, tiny_corpus, finished, "--resume", "true", "--train.log_interval", "2", "--train.keep_last", "1",
+        "--eval.decode_tokens", "0", "--eval.final_max_iters", "2",
+    )
+    assert report["perplexity"]["stage2"] > 1 and "decode" not in report
+    assert (finished / "distill_config.json").read_bytes() == recipe
+
+
+def test_keep_last_keeps_exactly_n_step_checkpoints(pair, tiny_corpus, tmp_path):
+    out_dir = tmp_path / "keep"
+    run_in_process(
+        pair, tiny_corpus, out_dir, "--stage2.enabled", "false", "--stage1.max_steps", "5",
+        "--train.save_interval", "1", "--train.keep_last", "2", "--eval.interval", "100", "--eval.decode_tokens", "0",
+    )
+    stage1 = out_dir / "stage1"
+    assert sorted(path.name for path in stage1.iterdir()) == ["final", "logs", "step-000003", "step-000004"]
+    with pytest.raises(LatticeError, match="train.keep_last must be an integer >= 1"):
+        run_in_process(pair, tiny_corpus, tmp_path / "zero", "--train.keep_last", "0")
+
+
+def test_a_full_disk_during_distillation_is_one_error_and_resume_is_exact(
+    full_run, pair, tiny_corpus, tmp_path, monkeypatch
+):
+    """ENOSPC while writing stage 1's student (simulated in safetensors' writer): one LatticeError naming the path,
+    no temporary left, the step checkpoint before it intact; resuming gives the uninterrupted run's losses."""
+    out_dir = tmp_path / "full"
+    monkeypatch.setattr("safetensors.torch.save_file", enospc_save_file(1000, lambda name: ".final." in name))
+    with pytest.raises(LatticeError, match=r"cannot write '.*stage1/final': no space left on device \(needs"):
+        run_in_process(pair, tiny_corpus, out_dir)
+    assert sorted(path.name for path in (out_dir / "stage1").iterdir()) == ["logs", "step-000002"]
+    assert not list(out_dir.rglob("*.tmp"))
+    monkeypatch.undo()
+    resumed = run_in_process(pair, tiny_corpus, out_dir, "--resume", "true")
+    for stage in ("stage1", "stage2"):
+        assert losses(resumed, stage) == pytest.approx(losses(full_run["report"], stage), rel=1e-5, abs=1e-7)
+
+
+SLOW_CHECKPOINT = """
+import sys, time
+from pathlib import Path
+import safetensors.torch
+from lattice_plugin.cli import main
+
+write, marker = safetensors.torch.save_file, Path(sys.argv[1])
+
+def slow_write(tensors, filename, metadata=None):  # a checkpoint write that is still going on
+    write(tensors, filename, metadata)
+    marker.write_text(str(filename))
+    time.sleep(120)
+
+safetensors.torch.save_file = slow_write
+sys.argv = ["lattice", "distill", *sys.argv[2:]]
+main()
+"""
+
+
+def test_sigterm_during_a_checkpoint_write_leaves_no_temporary(pair, tiny_corpus, tmp_path):
+    """SIGTERM (kill, timeout, schedulers) used to leave .step-*.tmp directories with full weight files."""
+    teacher, student = pair
+    out_dir, marker = tmp_path / "out", tmp_path / "writing"
+    flags = distill_flags(student, teacher, out_dir, tiny_corpus, "--stage2.enabled", "false")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CHECKPOINT, str(marker), *flags], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), process.stderr.read() if process.poll() is not None else "no checkpoint write in 300 s"
+    assert ".step-000002." in marker.read_text() and Path(marker.read_text()).is_file()
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "lattice: stopped by SIGTERM"
+    assert not [path for path in out_dir.rglob("*") if path.name.endswith(".tmp")]
+    assert not list((out_dir / "stage1").glob("step-*"))
+
+
+def test_a_broken_teacher_is_refused_before_anything_is_written(pair, tiny_corpus, tmp_path):
+    """distill_config.json used to be written before the teacher was loaded."""
+    teacher, student = pair
+    broken = Path(shutil.copytree(teacher, tmp_path / "teacher"))
+    (broken / "lit_model.pth").write_bytes((teacher / "lit_model.pth").read_bytes()[:2000])
+    with pytest.raises(LatticeError, match="cannot read weights from"):
+        distill(parse(distill_flags(student, broken, tmp_path / "out", tiny_corpus)))
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_or_corrupted_checkpoints_are_clear_errors(full_run, pair, tiny_corpus, tmp_path):
     source = full_run["out_dir"]
     with pytest.raises(LatticeError, match="does not exist"):
@@ -171,6 +285,12 @@ def test_bad_recipe_keys_are_one_clear_error(pair, tiny_corpus, tmp_path):
         "lattice: error: bad recipe or flag: Validation failed: Group 'stage2' does not accept nested key 'temprature'"
     ]
     base = ["--student_dir", str(student), "--stage1.max_steps", "1", "--stage2.max_steps", "1"]
+    # a flag overrides the recipe wherever it stands; a missing recipe is named, whatever comes before it
+    good = tmp_path / "good.yaml"
+    good.write_text(f"student_dir: {student}\nstage1:\n  max_steps: 2\n  lr: 0.1\nstage2:\n  max_steps: 2\n")
+    assert parse(["--stage1.lr", "0.2", "--config", str(good)]).stage1.lr == 0.2
+    with pytest.raises(LatticeError, match="recipe file 'missing.yaml' does not exist"):
+        parse(["--data.train_data_path", "x", "--config", "missing.yaml"])
     for argv, message in [
         (base + ["--bogus", "1"], "Unrecognized arguments: --bogus"),
         (base + ["--stage1.lr", "fast"], "stage1.lr"),
@@ -182,6 +302,31 @@ def test_bad_recipe_keys_are_one_clear_error(pair, tiny_corpus, tmp_path):
     ]:
         with pytest.raises(LatticeError, match=message):
             parse(argv)
+
+
+def test_distill_modules_import_one_another_without_a_cycle():
+    """args.py used to import trainer.py (inside a function), which imports args.py. Every import statement counts,
+    function-level ones included."""
+    import ast
+
+    import lattice_plugin.distill as package
+
+    folder = Path(package.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lattice_plugin.distill."):
+                imported.add(node.module.rsplit(".", 1)[1])
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.rsplit(".", 1)[1] for a in node.names if a.name.startswith("lattice_plugin.distill.")}
+        graph[path.stem] = imported
+    assert {"trainer", "stage", "fabric", "report", "args"} <= set(graph)
+
+    def reaches(start: str, target: str, seen: set) -> bool:
+        return any(n == target or (n not in seen and reaches(n, target, seen | {n})) for n in graph.get(start, ()))
+
+    assert [module for module in graph if reaches(module, module, set())] == []
 
 
 @pytest.mark.parametrize("teacher_forcing", [True, False])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -277,6 +278,24 @@ def test_missing_checkpoint_and_unknown_task_give_clear_errors(checkpoints, task
         main()
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_a_model_that_fails_to_load_leaves_no_task_data(checkpoints, tmp_path, monkeypatch):
+    """OUT/task-data used to stay behind when the model did not load."""
+    truncated = Path(shutil.copytree(checkpoints["lattice"], tmp_path / "truncated"))
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    with pytest.raises(LatticeError, match="cannot read weights from"):
+        run_eval([truncated], "lattice_ppl", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    def fails_to_load(self, **kwargs):  # past the header checks: e.g. out of memory, a device that is not there
+        raise LatticeError("the model did not load")
+
+    monkeypatch.setattr(LatticeLM, "__init__", fails_to_load)
+    with pytest.raises(LatticeError, match="did not load"):
+        run_eval([checkpoints["lattice"]], "lattice_ppl", tmp_path / "out", data_config=TaskDataConfig(cloze_items=5))
+    assert not (tmp_path / "out" / "task-data").exists()
 
 
 def test_report_tables():

@@ -3,10 +3,23 @@ new file; heavy imports stay inside the command functions to keep ``lattice --he
 
 import importlib
 import pkgutil
+import signal
 import sys
 
 from lattice_plugin.cli.app import app
 from lattice_plugin.errors import LatticeError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, cluster schedulers), raised like Ctrl-C so that the same clean-up runs: every
+    temporary output is removed on the way out (typer then exits as on Ctrl-C; :func:`main` sets the status)."""
+
+    received = False
+
+
+def _terminate(signum: int, frame: object) -> None:
+    Terminated.received = True
+    raise Terminated()
 
 
 def _register_commands() -> None:
@@ -16,10 +29,17 @@ def _register_commands() -> None:
 
 
 def main() -> None:
-    """Run the CLI; a :class:`LatticeError` becomes one line on stderr and exit status 2."""
+    """Run the CLI; a :class:`LatticeError` becomes one line on stderr and exit status 2. Ctrl-C exits with status 130
+    (typer's), SIGTERM with one line and status 143, both after the temporary outputs are removed."""
     _register_commands()
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except LatticeError as error:
         print(f"lattice: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SystemExit as exit_:
+        if Terminated.received:
+            print("lattice: stopped by SIGTERM", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGTERM) from None
+        raise

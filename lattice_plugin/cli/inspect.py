@@ -19,7 +19,7 @@ def inspect(
     from rich.console import Console
     from rich.table import Table
 
-    from lattice_plugin.checkpoint import find_weights, load_config
+    from lattice_plugin.checkpoint import find_weights, validate_checkpoint
     from lattice_plugin.errors import LatticeError
     from lattice_plugin.inspect import attention_only, build_meta_model, cache_bytes, format_bytes, layer_layout
 
@@ -33,7 +33,7 @@ def inspect(
     if not isinstance(dtype, torch.dtype):
         raise LatticeError(f"unknown --kv-dtype {kv_dtype!r} (e.g. bfloat16, float16, float32)")
 
-    config = load_config(checkpoint_dir)
+    config = validate_checkpoint(checkpoint_dir)  # the counts below are the config's: the weights must match it
     weights = find_weights(checkpoint_dir)
     model = build_meta_model(config)
     layout = layer_layout(model)

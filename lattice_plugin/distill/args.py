@@ -34,6 +34,8 @@ class TrainArgs:
     """Optimizer steps between log lines / logger rows."""
     save_interval: int | None = 100
     """Optimizer steps between resumable checkpoints (None: only the stage's final checkpoint)."""
+    keep_last: int | None = None
+    """Step checkpoints each stage keeps, the newest (None: all); older ones are deleted once a new one is complete."""
 
 
 @dataclass
@@ -112,7 +114,7 @@ class EvalArgs:
     """Context lengths at which the report gives the generation-cache bytes of teacher and student."""
 
 
-def setup(
+def recipe(
     student_dir: Path,
     teacher_dir: Path | None = None,
     out_dir: Path = Path("out/distill"),
@@ -128,8 +130,11 @@ def setup(
     resume: bool | Path = False,
     logger_name: str = "csv",
     seed: int = 42,
-) -> None:
+) -> DistillConfig:
     """Distill a converted Lattice checkpoint from its attention teacher: attention transfer, then logit KD.
+
+    The recipe as a signature, for jsonargparse (the keys and their help) and for Python:
+    ``distill(recipe(student_dir=..., ...))`` (:func:`lattice_plugin.distill.trainer.distill`).
 
     Args:
         student_dir: The converted checkpoint (``lattice convert`` output) to distill.
@@ -149,14 +154,12 @@ def setup(
         logger_name: csv, tensorboard, wandb or mlflow.
         seed: Random seed (data order, LoRA initialisation).
     """
-    from lattice_plugin.distill.trainer import distill
-
-    distill(DistillConfig(**{k: v for k, v in locals().items()}))
+    return DistillConfig(**locals())
 
 
 @dataclass
 class DistillConfig:
-    """The parsed recipe (``setup``'s arguments)."""
+    """The parsed recipe (:func:`recipe`'s arguments)."""
 
     student_dir: Path
     teacher_dir: Path | None = None
@@ -184,12 +187,13 @@ class DistillConfig:
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly copy (for the report and the checkpoints)."""
-        from dataclasses import asdict, is_dataclass
+        """A JSON-friendly copy (for the report and the checkpoints); the data module as in a recipe: its class path
+        and constructor arguments (not what ``connect`` set later)."""
+        import dataclasses
 
         def plain(value: Any) -> Any:
-            if is_dataclass(value) and not isinstance(value, type):
-                return {k: plain(v) for k, v in asdict(value).items()}
+            if dataclasses.is_dataclass(value) and type(value).__module__ == __name__:
+                return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
             if isinstance(value, dict):
                 return {k: plain(v) for k, v in value.items()}
             if isinstance(value, (list, tuple)):
@@ -198,17 +202,44 @@ class DistillConfig:
                 return str(value)
             if value is None or isinstance(value, (bool, int, float, str)):
                 return value
-            return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}", "init_args": plain_attrs(value)}
+            arguments = dataclasses.fields(value) if dataclasses.is_dataclass(value) else ()
+            return {
+                "class_path": f"{type(value).__module__}.{type(value).__qualname__}",
+                "init_args": {f.name: plain(getattr(value, f.name)) for f in arguments if f.init},
+            }
 
-        def plain_attrs(obj: Any) -> dict[str, Any]:
-            import dataclasses
+        return {name: plain(getattr(self, name)) for name in self.__dataclass_fields__}
 
-            if dataclasses.is_dataclass(obj):
-                return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
-            return {}
 
-        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        return {k: plain(v) for k, v in fields.items()}
+# What a resumed run may change: these keys decide what is logged, saved, validated or reported, never what is trained.
+MAY_CHANGE_ON_RESUME = (
+    "resume",
+    "out_dir",
+    "logger_name",
+    "train.log_interval",
+    "train.save_interval",
+    "train.keep_last",
+    "eval",
+    "data.init_args.num_workers",
+)
+_MISSING = "(not set)"
+
+
+def recipe_difference(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first key (dotted, in the stored recipe's order) whose value differs between two ``to_dict()`` recipes,
+    with both values; None when they agree on every key outside :data:`MAY_CHANGE_ON_RESUME`."""
+    for key in [*stored, *(key for key in current if key not in stored)]:
+        name = f"{prefix}{key}"
+        if any(name == allowed or name.startswith(f"{allowed}.") for allowed in MAY_CHANGE_ON_RESUME):
+            continue
+        old, new = stored.get(key, _MISSING), current.get(key, _MISSING)
+        if isinstance(old, dict) and isinstance(new, dict):
+            difference = recipe_difference(old, new, f"{name}.")
+            if difference is not None:
+                return difference
+        elif old != new:
+            return name, old, new
+    return None
 
 
 def _check(condition: bool, message: str) -> None:
@@ -233,6 +264,7 @@ def validate(config: DistillConfig) -> None:
     _positive_int(train.max_seq_length, "train.max_seq_length", allow_none=True)
     _positive_int(train.log_interval, "train.log_interval")
     _positive_int(train.save_interval, "train.save_interval", allow_none=True)
+    _positive_int(train.keep_last, "train.keep_last", allow_none=True)
     _check(train.max_norm is None or train.max_norm > 0, f"train.max_norm must be > 0, got {train.max_norm!r}")
     _check(
         train.global_batch_size % train.micro_batch_size == 0,
@@ -289,7 +321,7 @@ def validate(config: DistillConfig) -> None:
 
 
 def build_parser():
-    """The jsonargparse parser of ``setup`` with ``--config`` (errors raised, not printed: see :func:`parse`)."""
+    """The jsonargparse parser of :func:`recipe` with ``--config`` (errors raised, not printed: see :func:`parse`)."""
     import jsonargparse
     from jsonargparse import ActionConfigFile, ArgumentParser
     from litgpt.data import DataModule
@@ -305,7 +337,7 @@ def build_parser():
         exit_on_error=False,
     )
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML recipe (recipes/distill/*.yaml).")
-    parser.add_function_arguments(setup, skip={"data"})
+    parser.add_function_arguments(recipe, skip={"data"})
     parser.add_subclass_arguments(DataModule, "data", required=False, instantiate=True, default=None)
     return parser
 
@@ -316,7 +348,7 @@ def parse(argv: list[str]) -> DistillConfig:
 
     parser = build_parser()
     try:
-        namespace = parser.parse_args(argv)
+        namespace = parser.parse_args(recipes_first(argv))
         namespace = parser.instantiate_classes(namespace)
     except (argparse.ArgumentError, TypeError, ValueError) as error:
         if isinstance(error, LatticeError):
@@ -329,6 +361,32 @@ def parse(argv: list[str]) -> DistillConfig:
             value = cls(**(value.as_dict() if hasattr(value, "as_dict") else dict(value)))
         values[name] = value
     return DistillConfig(**values)
+
+
+def recipes_first(argv: list[str]) -> list[str]:
+    """``argv`` with its ``--config`` recipes moved to the front, after checking that they exist: a flag overrides
+    the recipe wherever it stands (jsonargparse applies arguments in order, so a flag before ``--config`` was silently
+    undone by the recipe, or refused as "not expected" before the recipe said which data module it belongs to)."""
+    recipes: list[str] = []
+    rest: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == "--config" or arg.startswith("--config="):
+            if arg == "--config":
+                index += 1
+                if index == len(argv):
+                    raise LatticeError("--config needs a recipe file")
+                path = argv[index]
+            else:
+                path = arg.removeprefix("--config=")
+            if not Path(path).is_file():
+                raise LatticeError(f"recipe file {path!r} does not exist")
+            recipes += ["--config", path]
+        else:
+            rest.append(arg)
+        index += 1
+    return recipes + rest
 
 
 def summarize_error(message: str) -> str:

@@ -1,24 +1,36 @@
 """Resumable stage checkpoints: ``OUT/stage{1,2}/step-XXXXXX/`` with ``model.safetensors`` (the student's weights),
 ``training_state.pt`` (optimizer, scheduler, data position, step counters, RNG, loss history; read with
 ``weights_only=True``) and ``model_config.yaml``. Each is written to a temporary sibling and renamed into place only
-when complete, so a stop at any moment leaves either the previous checkpoint set or the new one, never half of one.
+when complete, so a stop at any moment leaves either the previous checkpoint set or the new one, never half of one;
+``train.keep_last`` deletes the older ones (each renamed to a temporary name first, for the same reason).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lattice_plugin.checkpoint import atomic_directory, load_state_dict, save_safetensors
+from lattice_plugin.checkpoint import (
+    atomic_directory,
+    load_state_dict,
+    save_safetensors,
+    temporary_prefix,
+    tensor_bytes,
+)
 from lattice_plugin.errors import LatticeError, first_line
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
+STAGE_FILE = "stage.json"  # in a stage's final/: its report, written last (the stage is done when it exists)
+STAGE_NAMES = {1: "attention transfer", 2: "logit distillation"}
 FORMAT = 1
 STEP_PATTERN = re.compile(r"step-(\d+)")
 
@@ -133,11 +145,26 @@ def save_checkpoint(
     optimizer_state = gather_optimizer_state(fabric, model, optimizer)
     if fabric.global_rank == 0:
         state = {"format": FORMAT, **training_state, "optimizer": optimizer_state, "rng": rng_state()}
-        with atomic_directory(path, force=True) as tmp_dir:
+        with atomic_directory(path, force=True, needed_bytes=tensor_bytes(weights) + tensor_bytes(state)) as tmp_dir:
             save_safetensors(weights, tmp_dir / WEIGHTS_FILE)
-            torch.save(state, tmp_dir / STATE_FILE)
+            with open(tmp_dir / STATE_FILE, "wb") as file:  # a Python file: a full disk raises OSError with its errno
+                torch.save(state, file)
             save_config(config, tmp_dir)
     fabric.barrier()
+
+
+def prune_checkpoints(out_dir: Path, stage: int, keep_last: int | None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` step checkpoints of a stage (rank 0); returns the deleted paths. Each
+    is renamed to a temporary name first, so an interrupted deletion never leaves a half checkpoint under a step name
+    (the temporary is removed at the next start)."""
+    if keep_last is None:
+        return []
+    deleted = step_checkpoints(out_dir, stage)[:-keep_last]
+    for path in deleted:
+        doomed = Path(tempfile.mkdtemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent))
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
+    return deleted
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -149,8 +176,18 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         if not (path / name).is_file():
             raise LatticeError(f"checkpoint {str(path)!r} is incomplete: {name} is missing")
     weights = load_state_dict(path / WEIGHTS_FILE)
+    return weights, read_training_state(path)
+
+
+def read_training_state(path: Path) -> dict[str, Any]:
+    """The training state of a step checkpoint (mapped, not read: the optimizer state is only touched when used)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LatticeError(f"checkpoint {str(path)!r} does not exist")
+    if not (path / STATE_FILE).is_file():
+        raise LatticeError(f"checkpoint {str(path)!r} is incomplete: {STATE_FILE} is missing")
     try:
-        state = torch.load(str(path / STATE_FILE), map_location="cpu", weights_only=True)
+        state = torch.load(str(path / STATE_FILE), map_location="cpu", weights_only=True, mmap=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
         raise LatticeError(f"cannot read {str(path / STATE_FILE)!r} (corrupted checkpoint?): {first_line(error)}") from None
     required = ("format", "stage", "step", "optimizer", "scheduler", "data", "rng", "history")
@@ -158,4 +195,4 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise LatticeError(f"{str(path / STATE_FILE)!r} is not a lattice distill training state")
     if state["format"] != FORMAT:
         raise LatticeError(f"{str(path / STATE_FILE)!r} has format {state['format']}, this version reads {FORMAT}")
-    return weights, state
+    return state

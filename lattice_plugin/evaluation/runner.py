@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lattice_plugin.checkpoint import atomic_write
+from lattice_plugin.checkpoint import atomic_write, validate_checkpoint
 from lattice_plugin.errors import LatticeError, first_line
 from lattice_plugin.evaluation.data import SUITE_TAG, TaskDataConfig, prepare_tasks, task_names
 
@@ -49,19 +50,6 @@ def enforce_offline() -> None:
         datasets_config.HF_DATASETS_OFFLINE = True
     except ImportError:
         pass
-
-
-def check_checkpoint(checkpoint_dir: Path) -> None:
-    """Refuse a directory that is not a readable checkpoint before any heavy work (config, weights, tokenizer)."""
-    from lattice_plugin.checkpoint import find_weights, load_config
-
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise LatticeError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
-    load_config(checkpoint_dir)
-    find_weights(checkpoint_dir)
-    if not any((checkpoint_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        raise LatticeError(f"{str(checkpoint_dir)!r} holds no tokenizer (tokenizer.json or tokenizer.model)")
 
 
 def checkpoint_labels(checkpoint_dirs: list[Path]) -> dict[str, Path]:
@@ -215,13 +203,31 @@ def run_eval(
     settings = settings or EvalSettings()
     if not checkpoint_dirs:
         raise LatticeError("give at least one checkpoint directory")
-    for checkpoint_dir in checkpoint_dirs:
-        check_checkpoint(checkpoint_dir)
+    for checkpoint_dir in checkpoint_dirs:  # config, weights' headers, tokenizer: before anything is written
+        validate_checkpoint(checkpoint_dir, tokenizer=True)
     names = split_tasks(tasks)
     labels = checkpoint_labels(list(checkpoint_dirs))
     out_dir = Path(out_dir)
     enforce_offline()
+    task_data = out_dir / "task-data"
+    made_task_data = tasks_dir is None and not task_data.exists()
+    try:
+        return _evaluate(labels, names, out_dir, settings, data_config, tasks_dir, echo)
+    except BaseException:
+        if made_task_data:  # a run that fails (a model that does not load, a task without its data) leaves none
+            shutil.rmtree(task_data, ignore_errors=True)
+        raise
 
+
+def _evaluate(
+    labels: dict[str, Path],
+    names: list[str],
+    out_dir: Path,
+    settings: EvalSettings,
+    data_config: TaskDataConfig | None,
+    tasks_dir: Path | None,
+    echo,
+) -> dict[str, Any]:
     if tasks_dir is None:
         tasks_dir = prepare_tasks(out_dir / "task-data", data_config or TaskDataConfig())
     else:
