@@ -16,7 +16,7 @@ from typing import Any
 import litgpt.deploy.serve as litgpt_serve
 from litgpt.constants import _LITSERVE_AVAILABLE
 
-from lattice_plugin.checkpoint import find_weights, load_config
+from lattice_plugin.checkpoint import validate_checkpoint
 from lattice_plugin.errors import LatticeError
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
@@ -31,14 +31,11 @@ def serve_host() -> str:
 
 
 def local_checkpoint_dir(model_name: str | Path, access_token: str | None = None, **kwargs: Any) -> Path:
-    """Stands in for litgpt's ``auto_download_checkpoint``: the directory itself, if it holds weights, a readable
-    model config and a tokenizer (Lattice checkpoints are made locally, so nothing is downloaded). Checked here, in
+    """Stands in for litgpt's ``auto_download_checkpoint``: the directory itself, if its weights match a readable
+    model config and it holds a tokenizer (Lattice checkpoints are made locally, so nothing is downloaded). Checked here, in
     the server's process, because a failure in LitServe's inference worker ends the server with two tracebacks."""
     checkpoint_dir = Path(model_name)
-    find_weights(checkpoint_dir)  # a missing directory or one without weights: one clear error
-    load_config(checkpoint_dir)
-    if not any((checkpoint_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        raise LatticeError(f"{str(checkpoint_dir)!r} has no tokenizer (tokenizer.json or tokenizer.model)")
+    validate_checkpoint(checkpoint_dir, tokenizer=True)
     return checkpoint_dir
 
 
