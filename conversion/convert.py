@@ -27,8 +27,9 @@ from lattice_plugin.checkpoint import (
     load_state_dict,
     save_safetensors,
 )
-from lattice_plugin.config import FEATURE_MAPS, GATE_MODES, LatticeConfig, parse_layer_spec
+from lattice_plugin.config import LatticeConfig, parse_layer_spec
 from lattice_plugin.errors import LatticeError
+from lattice_plugin.vocab import FEATURE_MAPS, GATE_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = (

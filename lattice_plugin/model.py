@@ -17,7 +17,8 @@ from lattice_plugin.cache import LatticeCache
 from lattice_plugin.config import LatticeConfig
 from lattice_plugin.ops import lattice_attention, lattice_step
 
-FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+# the code non-linearities, one per name of lattice_plugin.vocab.FEATURE_MAPS
+CODE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softmax": lambda x: torch.softmax(x, dim=-1),
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
@@ -116,7 +117,7 @@ class LatticeMixer(CausalSelfAttention):
         config = self.config
         B, T, _ = x.shape
         q, k, v = self._project(x, cos, sin)
-        feature_map = FEATURE_MAPS[config.lattice_feature_map]
+        feature_map = CODE_MAPS[config.lattice_feature_map]
         q = feature_map(self.q_code(q).float())
         k = feature_map(self.k_code(k).float())
         v = F.normalize(v.float(), dim=-1)

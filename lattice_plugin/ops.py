@@ -10,19 +10,14 @@ Backends sit behind the same call:
 State and gate arithmetic run in float32 (float64 when the inputs are float64) whatever the activation dtype.
 """
 
-from typing import Literal
-
 import torch
 
 from lattice_plugin.errors import LatticeError
 from lattice_plugin.kernels.chunk import chunk_lattice
 from lattice_plugin.kernels.gates import normalize_slots
 from lattice_plugin.kernels.recurrent import recurrent_lattice, recurrent_step
+from lattice_plugin.vocab import BACKENDS, GATE_MODES, Backend, GateMode, one_of
 
-Backend = Literal["auto", "recurrent", "torch", "triton"]
-Gates = Literal["exact", "chunk"]
-BACKENDS = ("auto", "recurrent", "torch", "triton")
-GATES = ("exact", "chunk")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,9 +41,9 @@ def resolve_backend(
 ) -> str:
     """Turn ``"auto"`` into a concrete backend and refuse combinations that do not exist."""
     if backend not in BACKENDS:
-        raise LatticeError(f"unknown Lattice backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if gates not in GATES:
-        raise LatticeError(f"unknown Lattice gates mode {gates!r}; choose 'exact' or 'chunk'")
+        raise LatticeError(f"unknown Lattice backend {backend!r}; choose {one_of(BACKENDS)}")
+    if gates not in GATE_MODES:
+        raise LatticeError(f"unknown Lattice gates mode {gates!r}; choose {one_of(GATE_MODES)}")
     triton_limits = None  # why the Triton kernels cannot serve this call, if they cannot
     if dtype == torch.float64:
         triton_limits = "the 'triton' Lattice backend computes in float32; use backend='torch' for float64"
@@ -95,7 +90,7 @@ def lattice_attention(
     s0: torch.Tensor,
     *,
     chunk_size: int = 64,
-    gates: Gates = "exact",
+    gates: GateMode = "exact",
     orthogonal: bool = True,
     normalize: bool = True,
     initial_state: torch.Tensor | None = None,

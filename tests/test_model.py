@@ -18,7 +18,8 @@ from lattice_plugin.config import LatticeConfig, parse_layer_spec
 from lattice_plugin.errors import LatticeCacheError, LatticeConfigError
 from lattice_plugin.inspect import cache_bytes
 from lattice_plugin.lora import LoRALatticeConfig, LoRALatticeGPT
-from lattice_plugin.model import HeadwiseLinear, LatticeGPT, LatticeMixer
+from lattice_plugin.model import CODE_MAPS, HeadwiseLinear, LatticeGPT, LatticeMixer
+from lattice_plugin.vocab import FEATURE_MAPS
 
 NEOX_MODEL = dict(
     name="tiny-neox",
@@ -91,6 +92,15 @@ def test_layer_specs(spec, expected):
 def test_bad_config_values_raise_one_clear_error(overrides, message):
     with pytest.raises(LatticeConfigError, match=message):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+def test_every_feature_map_name_builds_a_model_with_bounded_codes(feature_map):
+    assert set(CODE_MAPS) == set(FEATURE_MAPS)
+    config = LatticeConfig(**TINY_MODEL, lattice_layers="all", lattice_feature_map=feature_map)
+    LatticeGPT(config)
+    codes = CODE_MAPS[feature_map](torch.randn(3, 5, 7) * 10)
+    assert codes.abs().max() <= 1  # with beta in (0, 1): |gamma| < 1 (docs/math.md §2)
 
 
 def test_latent_attention_cannot_become_lattice():
