@@ -51,6 +51,18 @@ def attention_only(config: LatticeConfig) -> LatticeConfig:
     return replace(config, lattice_layers=None)
 
 
+def default_context_lengths(block_size: int) -> list[int]:
+    """Typical context lengths the model can run (below its block size), then the block size itself."""
+    return [length for length in (2048, 32768, 131072) if length < block_size] + [block_size]
+
+
+def compare_sizes(ours: int, theirs: int) -> str:
+    """This model's cache against attention everywhere, in words ("same" when no layer changed)."""
+    if ours == theirs:
+        return "same"
+    return f"{theirs / ours:.1f}x smaller" if ours < theirs else f"{ours / theirs:.1f}x larger"
+
+
 def format_bytes(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":

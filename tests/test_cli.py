@@ -73,6 +73,9 @@ def test_inspect_shows_layout_and_cache_comparison(pretrained):
     result = run_lattice("inspect", pretrained["out_dir"] / "final", "--lengths", "64,4096", cwd=pretrained["work"])
     assert "1/2 Lattice layers" in result.stdout
     assert "attention everywhere" in result.stdout and "lattice" in result.stdout and "attention" in result.stdout
+    assert "4,096*" in result.stdout and "beyond the model's block size (32 tokens)" in result.stdout
+    default = run_lattice("inspect", pretrained["out_dir"] / "final", cwd=pretrained["work"]).stdout
+    assert "2,048" not in default and "beyond" not in default  # lengths default to the block size (32)
 
 
 def test_finetune_lora_then_merge(pretrained, tmp_path):

@@ -16,7 +16,7 @@ from conftest import TINY_MODEL
 from lattice_plugin.cache import LatticeCache
 from lattice_plugin.config import LatticeConfig, parse_layer_spec
 from lattice_plugin.errors import LatticeCacheError, LatticeConfigError
-from lattice_plugin.inspect import cache_bytes
+from lattice_plugin.inspect import build_meta_model, cache_bytes, compare_sizes, default_context_lengths
 from lattice_plugin.lora import LoRALatticeConfig, LoRALatticeGPT
 from lattice_plugin.model import CODE_MAPS, HeadwiseLinear, LatticeGPT, LatticeMixer
 from lattice_plugin.vocab import FEATURE_MAPS
@@ -172,6 +172,15 @@ def test_cache_bytes_do_not_depend_on_the_context_length():
     grown = cache_bytes(hybrid, 128) - cache_bytes(hybrid, 64)
     attention_layers = config.n_layer - len(hybrid.config.lattice_layers)
     assert grown == attention_layers * 2 * config.n_query_groups * 64 * config.head_size * 2  # only the KV caches
+
+
+def test_inspect_words_the_cache_comparison_and_stays_within_the_block_size():
+    plain = build_meta_model(LatticeConfig(**TINY_MODEL))
+    same = cache_bytes(plain, 16)
+    assert compare_sizes(same, same) == "same"
+    assert compare_sizes(1024, 4096) == "4.0x smaller" and compare_sizes(4096, 1024) == "4.0x larger"
+    assert default_context_lengths(128) == [128]
+    assert default_context_lengths(131072) == [2048, 32768, 131072]
 
 
 def test_the_cache_refuses_rewinds_skips_and_oversized_batches():
