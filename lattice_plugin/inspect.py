@@ -37,11 +37,17 @@ def layer_layout(model: LatticeGPT) -> list[LayerInfo]:
     ]
 
 
-def cache_bytes(model: LatticeGPT, context_length: int, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+def cache_bytes(
+    model: LatticeGPT, context_length: int, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16
+) -> int:
     """Bytes of every layer's generation cache for ``batch_size`` sequences of ``context_length`` tokens (the
     attention mask litgpt keeps beside the KV caches is not counted)."""
     model.set_kv_cache(batch_size, max_seq_length=context_length, device=torch.device("meta"), dtype=dtype)
-    total = sum(buffer.numel() * buffer.element_size() for block in model.transformer.h for buffer in block.attn.kv_cache.buffers())
+    total = sum(
+        buffer.numel() * buffer.element_size()
+        for block in model.transformer.h
+        for buffer in block.attn.kv_cache.buffers()
+    )
     model.clear_kv_cache()
     return total
 

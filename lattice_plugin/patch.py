@@ -81,7 +81,7 @@ def load_checkpoint(fabric: L.Fabric, model: Any, checkpoint_path: Path, strict:
 
 
 def merge_lora(
-    checkpoint_dir: Path, pretrained_checkpoint_dir: Optional[Path] = None, precision: Optional[str] = None
+    checkpoint_dir: Path, pretrained_checkpoint_dir: Path | None = None, precision: str | None = None
 ) -> None:
     """Merges the LoRA weights with the base model (litgpt's ``merge_lora``, reading the base weights from
     ``lit_model.pth`` or ``model.safetensors`` and every file with ``weights_only=True``).
@@ -157,7 +157,7 @@ def patch_litgpt() -> None:
     for module_name in CHECKPOINT_DIR_USERS:  # jsonargparse builds the argument from the annotation
         importlib.import_module(module_name).main.__annotations__["checkpoint_dir"] = CheckpointDir
     pretrain = importlib.import_module("litgpt.pretrain")
-    pretrain.setup.__annotations__["model_config"] = Optional[LatticeConfig]
+    pretrain.setup.__annotations__["model_config"] = Optional[LatticeConfig]  # noqa: UP045 (litgpt's own spelling)
 
 
 def is_patched() -> bool:

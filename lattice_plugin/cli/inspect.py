@@ -94,4 +94,6 @@ def inspect(
         caches.add_row(f"{length:,}{beyond}", format_bytes(ours), format_bytes(theirs), compare_sizes(ours, theirs))
     console.print(caches)
     if max(context_lengths) > config.block_size:
-        console.print(f"* beyond the model's block size ({config.block_size:,} tokens): what the same layers would hold")
+        console.print(
+            f"* beyond the model's block size ({config.block_size:,} tokens): what the same layers would hold"
+        )
