@@ -1,4 +1,4 @@
-"""Attention -> Lattice surgery on a litgpt checkpoint (LATTICE.md §6).
+"""Attention -> Lattice surgery on a litgpt checkpoint (docs/math.md §6).
 
 The Lattice mixer keeps litgpt's fused ``qkv`` and ``proj`` under the same names, so a converted layer reuses the
 attention weights as they are (bit-for-bit, GQA layout included); only the mixer's new modules (code maps, beta,
@@ -112,7 +112,7 @@ def target_config(source: LatticeConfig, layers: list[int], options: ConversionO
         lattice_feature_map=options.feature_map,
         lattice_gates=options.gates,
         lattice_output_gate=options.output_gate,
-        lattice_rope=True,  # LATTICE.md §6: RoPE is kept on q and k
+        lattice_rope=True,  # docs/math.md §6: RoPE is kept on q and k
     )
     return type(source)(**fields)
 

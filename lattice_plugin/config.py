@@ -61,7 +61,7 @@ def parse_layer_spec(spec: str | list[int] | tuple[int, ...] | None, n_layer: in
 
 @dataclass
 class LatticeConfig(Config):
-    """litgpt's Config with the Lattice fields (LATTICE.md §2, §6).
+    """litgpt's Config with the Lattice fields (docs/math.md §2, §6).
 
     Args:
         lattice_layers: which layers use the Lattice mixer instead of attention (see ``LAYER_SPEC_HELP``); stored

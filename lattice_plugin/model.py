@@ -1,7 +1,7 @@
 """The Lattice mixer and the litgpt model classes that put it on the layers a :class:`LatticeConfig` selects.
 
 The mixer subclasses litgpt's ``CausalSelfAttention``: it keeps the fused ``qkv`` and the output ``proj`` (so a
-pretrained attention layer's weights load unchanged, LATTICE.md §6) and everything litgpt does with attention modules
+pretrained attention layer's weights load unchanged, docs/math.md §6) and everything litgpt does with attention modules
 (FSDP wrapping, pretrain's initialisation of ``proj``, LoRA's weight mapping) applies to it as well.
 """
 
@@ -85,7 +85,7 @@ class HeadRMSNorm(nn.Module):
 
 
 class LatticeMixer(CausalSelfAttention):
-    """Lattice token mixer (LATTICE.md §2): attention's q/k/v/o around a fixed set of unit-norm memory slots."""
+    """Lattice token mixer (docs/math.md §2): attention's q/k/v/o around a fixed set of unit-norm memory slots."""
 
     def __init__(self, config: LatticeConfig, block_idx: int) -> None:
         super().__init__(config, block_idx)

@@ -2,8 +2,8 @@
 
 Backends sit behind the same call:
 
-- ``"recurrent"``: token by token, the literal definition (LATTICE.md §3); exact in any dtype, float64 included.
-- ``"torch"``: chunkwise-parallel (LATTICE.md §4) in plain PyTorch; exact for ``gates="exact"``.
+- ``"recurrent"``: token by token, the literal definition (docs/math.md §3); exact in any dtype, float64 included.
+- ``"torch"``: chunkwise-parallel (docs/math.md §4) in plain PyTorch; exact for ``gates="exact"``.
 - ``"triton"``: the fused GPU kernels (CUDA only).
 - ``"auto"``: ``"triton"`` on CUDA when available, else ``"torch"``.
 
@@ -122,7 +122,7 @@ def lattice_attention(
         raise LatticeError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     backend = resolve_backend(backend, q.device, gates, q.dtype, chunk_size)
     dtype = compute_dtype(q.dtype)
-    if initial_state is None:  # the learned slots always start on the sphere (LATTICE.md §2-3)
+    if initial_state is None:  # the learned slots always start on the sphere (docs/math.md §2-3)
         state = normalize_slots(s0.to(dtype)).unsqueeze(0).expand(q.shape[0], -1, -1, -1)
     else:  # a state to continue from is used as given, apart from the retraction of the normalised variants
         state = normalize_slots(initial_state.to(dtype)) if normalize else initial_state.to(dtype)
@@ -150,7 +150,7 @@ def lattice_step(
     normalize: bool = True,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step (LATTICE.md §5): write one token into the fixed-slot state, then read.
+    """One decoding step (docs/math.md §5): write one token into the fixed-slot state, then read.
 
     q ``(B, Hq, m)``, k ``(B, Hkv, m)``, v ``(B, Hkv, d)``, beta ``(B, Hkv)``, state ``(B, Hkv, d, m)`` (float32).
     Returns ``(o (B, Hq, d) in the dtype of q, new_state)``; with ``inplace`` the new state is written into ``state``

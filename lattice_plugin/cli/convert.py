@@ -49,7 +49,7 @@ def convert(
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
 ) -> None:
-    """Convert attention layers to Lattice layers, reusing q/k/v/o bit-for-bit (LATTICE.md §6).
+    """Convert attention layers to Lattice layers, reusing q/k/v/o bit-for-bit (docs/math.md §6).
 
     Embeddings, norms, MLPs, the head and unconverted layers are copied unchanged. The output (model_config.yaml,
     model.safetensors, tokenizer files, conversion.json) is renamed into place only when complete.

@@ -64,7 +64,7 @@ class StepRunner:
     def __init__(self, log_dir: Path) -> None:
         from rich.console import Console
 
-        self.console = Console(stderr=True, highlight=False)
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)  # long commands stay copyable
         self.log_dir = log_dir
         self.timings: dict[str, float] = {}
         self.filter = OutputFilter()
