@@ -48,6 +48,10 @@ def cache_curves(teacher_dir: Path, student_dir: Path, lengths: list[int]) -> di
     return curves
 
 
+def _tokens(length: int) -> str:
+    return f"{length // 1024}k" if length >= 1024 and length % 1024 == 0 else str(length)
+
+
 def plot_report(report: dict, lengths: list[int], curves: dict[str, list[int]], block_size: int) -> bytes:
     """Two panels as PNG bytes: held-out perplexity per stage; cache bytes against context length."""
     import matplotlib
@@ -62,19 +66,20 @@ def plot_report(report: dict, lengths: list[int], curves: dict[str, list[int]], 
     left.bar_label(bars, fmt="%.1f", fontsize=8)
     left.set_xticks(range(len(shown)), [label.replace(": ", ":\n").replace(", ", ",\n") for label, _ in shown])
     left.tick_params(axis="x", labelsize=7)
-    left.set_yscale("log")
-    left.set_ylabel("held-out perplexity (log scale, lower is better)")
+    left.set_ylim(bottom=0)
+    left.set_ylabel("held-out perplexity (lower is better)")
     left.set_title(f"held-out text: {report['heldout']['tokens']:,} tokens never trained on", fontsize=9)
 
     for name, color in (("teacher", "tab:gray"), ("student", "tab:blue")):
         right.plot(lengths, curves[name], marker="o", markersize=3, color=color, label=name)
     right.axvline(block_size, color="black", linestyle=":", linewidth=1, label=f"block size ({block_size:,})")
     right.set_xscale("log", base=2)
+    right.set_xticks(lengths, [_tokens(length) for length in lengths], fontsize=7)
     right.set_yscale("log", base=2)
     ticks = [size for size in (2**k for k in range(10, 41, 4)) if min(map(min, curves.values())) / 2 <= size]
     ticks = [size for size in ticks if size <= 2 * max(map(max, curves.values()))]
     right.set_yticks(ticks, [format_bytes(size) for size in ticks])
-    right.set_xlabel("context length (tokens)")
+    right.set_xlabel("context length (tokens; beyond the block size: what the same layers would hold)", fontsize=8)
     right.set_ylabel("generation cache, one sequence")
     right.set_title("KV cache (bfloat16) vs fixed-slot state (float32)", fontsize=9)
     right.legend(fontsize=8)
