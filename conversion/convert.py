@@ -1,4 +1,4 @@
-"""Attention -> Lattice surgery on a litgpt checkpoint (LATTICE.md §6).
+"""Attention -> Lattice surgery on a litgpt checkpoint (docs/math.md §6).
 
 The Lattice mixer keeps litgpt's fused ``qkv`` and ``proj`` under the same names, so a converted layer reuses the
 attention weights as they are (bit-for-bit, GQA layout included); only the mixer's new modules (code maps, beta,
@@ -30,8 +30,9 @@ from lattice_plugin.checkpoint import (
     save_safetensors,
     tensor_bytes,
 )
-from lattice_plugin.config import FEATURE_MAPS, GATE_MODES, LatticeConfig, parse_layer_spec
+from lattice_plugin.config import LatticeConfig, parse_layer_spec
 from lattice_plugin.errors import LatticeError
+from lattice_plugin.vocab import FEATURE_MAPS, GATE_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = (
@@ -114,7 +115,7 @@ def target_config(source: LatticeConfig, layers: list[int], options: ConversionO
         lattice_feature_map=options.feature_map,
         lattice_gates=options.gates,
         lattice_output_gate=options.output_gate,
-        lattice_rope=True,  # LATTICE.md §6: RoPE is kept on q and k
+        lattice_rope=True,  # docs/math.md §6: RoPE is kept on q and k
     )
     return type(source)(**fields)
 

@@ -1,4 +1,4 @@
-"""Chunkwise-parallel Lattice in plain PyTorch (LATTICE.md §4): the reference the Triton chunk kernels are checked against.
+"""Chunkwise-parallel Lattice in plain PyTorch (docs/math.md §4): the Triton chunk kernels' reference.
 
 Within a chunk the state is a known linear function of the chunk-start state ``S`` and the chunk's values:
 ``s_i(t) = A_i(t) s_i + sum_j W_t[j, i] v_j``. The gates need ``c_t = S(t-1)^T v_t``, which follows from two small

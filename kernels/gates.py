@@ -1,4 +1,4 @@
-"""The slot update of LATTICE.md §3 written as ``s <- a * s + b * v``: the math lives here, once.
+"""The slot update of docs/math.md §3 written as ``s <- a * s + b * v``: the math lives here, once.
 
 Every backend that does not apply the update literally (the chunkwise scans, the kernels' references) gets its
 gates from :func:`slot_gates`, so the four variants (orthogonal / normalize ablations) cannot drift apart.

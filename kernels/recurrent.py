@@ -1,4 +1,4 @@
-"""Token-by-token Lattice (LATTICE.md §3), applied literally: the ground truth every other backend is checked against.
+"""Token-by-token Lattice (docs/math.md §3), applied literally: every other backend's ground truth.
 
 No closed-form gates here on purpose: the slot is projected, stepped and retracted exactly as the definition says,
 so comparing the chunkwise scan (which uses :mod:`gates`) against this checks the algebra too.

@@ -1,6 +1,6 @@
-"""Triton kernels for Lattice over sequences (LATTICE.md §4): exact chunkwise forward and backward.
+"""Triton kernels for Lattice over sequences (docs/math.md §4): exact chunkwise forward and backward.
 
-Layout of the work (timings and the reasoning behind it in bench/NOTES.md):
+Layout of the work (timings and the reasoning behind it in docs/design.md):
 
 - Slots are independent, so the only sequential part, the gate scan, runs one program per
   (batch, kv head, block of BM slots). It walks the sequence in sub-chunks of BC tokens: ``P = V S`` (a matmul),
@@ -43,9 +43,9 @@ BC = 16  # tokens per sub-chunk of the sweeps (tl.dot needs >= 16)
 CS_EXACT = 64  # tokens between stored states for gates="exact" (a free choice: the math does not depend on it)
 BV_READ = 128  # value columns per program of the read pass (64 when m > 64): the gates are computed per program
 BV_DV = 128  # value columns per program of the dv pass (64 when m > 64): the gates and M_q are computed per program
-PAR_WARPS = 4  # warps per program of the parallel passes (read, dq, dv; 8 measured slower, bench/NOTES.md 6b)
+PAR_WARPS = 4  # warps per program of the parallel passes (read, dq, dv; 8 measured slower, docs/design.md, version 6b)
 BK_DQ = 64  # slots per program of the dq pass
-# The sequential sweeps (bench/NOTES.md, versions 6 and 8). 16-bit inputs: one warp per program (layout changes then
+# The sequential sweeps (docs/design.md, versions 6 and 8). 16-bit inputs: one warp per program (layout changes then
 # need no barrier between warps); the reverse sweep on BM_SCAN_SPLIT slots per program (fewer live registers at one
 # warp, twice the programs at small batch); the forward sweep too while BM_SCAN-slot programs would leave SMs idle
 # (at most FWD_SPLIT_PER_SM per SM), else on BM_SCAN (split, it repeats its loads and loses at B=16).
@@ -339,7 +339,7 @@ def _fwd_scan_kernel(
 
     At small batch the sweep is latency-bound. For 16-bit inputs it runs at one warp (FWD_SCAN_WARPS): the
     layout changes then need no barrier between warps (9 instead of 25 per sub-chunk): 1.7x faster than v5 (two
-    warps) at B=1 and 2.4x at B=16 (bench/NOTES.md, version 6); on 8-slot blocks where 16-slot ones leave SMs idle
+    warps) at B=1 and 2.4x at B=16 (docs/design.md, version 6); on 8-slot blocks where 16-slot ones leave SMs idle
     (version 8: 7.3 -> 5.0 ms at B=1, T=32768). The V, k and beta tiles of sub-chunk i+1 are loaded during
     sub-chunk i and its Gram rows prefetched into L1: at two warps that gained nothing (the loads were not the
     cost), and the one-warp timing was taken with it."""
@@ -671,7 +671,7 @@ def _bwd_scan_kernel(
     forward gates, plain products: no logarithms on the sweep). The d-sized products (``V g``, ``V s_b``,
     ``dO s_b``, the new ``g``) are matmuls once per sub-chunk. ``T`` is a multiple of ``BCC``.
 
-    Version 5 (bench/NOTES.md): at step ``j`` the rows ``v_j . v_l`` and ``do_{j-1} . v_l`` (``l < j``) are
+    Version 5 (docs/design.md): at step ``j`` the rows ``v_j . v_l`` and ``do_{j-1} . v_l`` (``l < j``) are
     :func:`_row_prefix` vector loads (v4: one scalar load per entry, 311 per sub-chunk); ``gamma`` is one
     ``beta * k`` tile product; the ``c``, ``gamma`` and ``q`` tiles pass :func:`_opaque` before their unpack.
     Version 6: every tile of the next sub-chunk read (replay or sweep) is prefetched into L1 (:func:`_prefetch_sub`),

@@ -1,4 +1,4 @@
-"""Fused one-token Lattice decode step (LATTICE.md §5): write the token into every slot, retract, read.
+"""Fused one-token Lattice decode step (docs/math.md §5): write the token into every slot, retract, read.
 
 One program per (batch, kv head) holds the whole ``d x m`` float32 state in registers: it reads the state once,
 writes it once and reads it for every query head of the group, so a step costs one pass over the cache whatever

@@ -4,12 +4,13 @@ import importlib
 from typing import Any
 
 from lattice_plugin.errors import LatticeCacheError, LatticeConfigError, LatticeError
-from lattice_plugin.ops import lattice_attention, lattice_step
 
 __version__ = "0.1.0"
 
-# the litgpt classes import litgpt; load them on first use so that `lattice --help` stays fast
+# torch and litgpt load on first use of these names, so that `lattice --help` stays fast
 _LAZY = {
+    "lattice_attention": "lattice_plugin.ops",
+    "lattice_step": "lattice_plugin.ops",
     "LatticeConfig": "lattice_plugin.config",
     "LatticeMixer": "lattice_plugin.model",
     "LatticeBlock": "lattice_plugin.model",
@@ -23,8 +24,7 @@ __all__ = [
     "LatticeCacheError",
     "LatticeConfigError",
     "LatticeError",
-    "lattice_attention",
-    "lattice_step",
+    "__version__",
     *_LAZY,
 ]
 

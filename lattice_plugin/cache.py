@@ -1,4 +1,4 @@
-"""The fixed-slot cache of a Lattice layer (LATTICE.md §5): one ``(B, Hkv, d, m)`` float32 state, whatever the length.
+"""The fixed-slot cache of a Lattice layer (docs/math.md §5): one ``(B, Hkv, d, m)`` float32 state at any length.
 
 It takes the place of litgpt's ``KVCache`` in ``block.attn.kv_cache``. A forward with ``input_pos`` starting at 0 is
 a new prompt and starts from the learned initial slots; one starting where the last one ended continues the state.

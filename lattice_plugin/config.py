@@ -6,15 +6,11 @@ through the plugin still gives a plain transformer. Every Lattice field is check
 
 import re
 from dataclasses import dataclass
-from typing import Literal
-
 from litgpt.config import Config
 
 from lattice_plugin.errors import LatticeConfigError
+from lattice_plugin.vocab import BACKENDS, FEATURE_MAPS, GATE_MODES, Backend, FeatureMap, GateMode
 
-FEATURE_MAPS = ("softmax", "sigmoid", "tanh", "l2")
-GATE_MODES = ("exact", "chunk")
-BACKENDS = ("auto", "recurrent", "torch", "triton")
 
 LAYER_SPEC_HELP = (
     "'all', 'none', a list of layer indices (negative counts from the end), 'first:N', 'last:N', "
@@ -65,7 +61,7 @@ def parse_layer_spec(spec: str | list[int] | tuple[int, ...] | None, n_layer: in
 
 @dataclass
 class LatticeConfig(Config):
-    """litgpt's Config with the Lattice fields (LATTICE.md §2, §6).
+    """litgpt's Config with the Lattice fields (docs/math.md §2, §6).
 
     Args:
         lattice_layers: which layers use the Lattice mixer instead of attention (see ``LAYER_SPEC_HELP``); stored
@@ -84,13 +80,13 @@ class LatticeConfig(Config):
     lattice_layers: str | list[int] | None = None
     lattice_slots: int | None = None
     lattice_chunk_size: int = 64
-    lattice_feature_map: Literal["softmax", "sigmoid", "tanh", "l2"] = "softmax"
-    lattice_gates: Literal["exact", "chunk"] = "exact"
+    lattice_feature_map: FeatureMap = "softmax"
+    lattice_gates: GateMode = "exact"
     lattice_orthogonal: bool = True
     lattice_normalize: bool = True
     lattice_output_gate: bool = False
     lattice_rope: bool = True
-    lattice_backend: Literal["auto", "recurrent", "torch", "triton"] = "auto"
+    lattice_backend: Backend = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()

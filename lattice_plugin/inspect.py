@@ -37,11 +37,17 @@ def layer_layout(model: LatticeGPT) -> list[LayerInfo]:
     ]
 
 
-def cache_bytes(model: LatticeGPT, context_length: int, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+def cache_bytes(
+    model: LatticeGPT, context_length: int, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16
+) -> int:
     """Bytes of every layer's generation cache for ``batch_size`` sequences of ``context_length`` tokens (the
     attention mask litgpt keeps beside the KV caches is not counted)."""
     model.set_kv_cache(batch_size, max_seq_length=context_length, device=torch.device("meta"), dtype=dtype)
-    total = sum(buffer.numel() * buffer.element_size() for block in model.transformer.h for buffer in block.attn.kv_cache.buffers())
+    total = sum(
+        buffer.numel() * buffer.element_size()
+        for block in model.transformer.h
+        for buffer in block.attn.kv_cache.buffers()
+    )
     model.clear_kv_cache()
     return total
 
@@ -49,6 +55,18 @@ def cache_bytes(model: LatticeGPT, context_length: int, batch_size: int = 1, dty
 def attention_only(config: LatticeConfig) -> LatticeConfig:
     """The same model with softmax attention on every layer (what the Lattice layers replaced)."""
     return replace(config, lattice_layers=None)
+
+
+def default_context_lengths(block_size: int) -> list[int]:
+    """Typical context lengths the model can run (below its block size), then the block size itself."""
+    return [length for length in (2048, 32768, 131072) if length < block_size] + [block_size]
+
+
+def compare_sizes(ours: int, theirs: int) -> str:
+    """This model's cache against attention everywhere, in words ("same" when no layer changed)."""
+    if ours == theirs:
+        return "same"
+    return f"{theirs / ours:.1f}x smaller" if ours < theirs else f"{ours / theirs:.1f}x larger"
 
 
 def format_bytes(size: int) -> str:

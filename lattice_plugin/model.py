@@ -1,7 +1,7 @@
 """The Lattice mixer and the litgpt model classes that put it on the layers a :class:`LatticeConfig` selects.
 
 The mixer subclasses litgpt's ``CausalSelfAttention``: it keeps the fused ``qkv`` and the output ``proj`` (so a
-pretrained attention layer's weights load unchanged, LATTICE.md §6) and everything litgpt does with attention modules
+pretrained attention layer's weights load unchanged, docs/math.md §6) and everything litgpt does with attention modules
 (FSDP wrapping, pretrain's initialisation of ``proj``, LoRA's weight mapping) applies to it as well.
 """
 
@@ -17,7 +17,8 @@ from lattice_plugin.cache import LatticeCache
 from lattice_plugin.config import LatticeConfig
 from lattice_plugin.ops import lattice_attention, lattice_step
 
-FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+# the code non-linearities, one per name of lattice_plugin.vocab.FEATURE_MAPS
+CODE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softmax": lambda x: torch.softmax(x, dim=-1),
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
@@ -84,7 +85,7 @@ class HeadRMSNorm(nn.Module):
 
 
 class LatticeMixer(CausalSelfAttention):
-    """Lattice token mixer (LATTICE.md §2): attention's q/k/v/o around a fixed set of unit-norm memory slots."""
+    """Lattice token mixer (docs/math.md §2): attention's q/k/v/o around a fixed set of unit-norm memory slots."""
 
     def __init__(self, config: LatticeConfig, block_idx: int) -> None:
         super().__init__(config, block_idx)
@@ -116,7 +117,7 @@ class LatticeMixer(CausalSelfAttention):
         config = self.config
         B, T, _ = x.shape
         q, k, v = self._project(x, cos, sin)
-        feature_map = FEATURE_MAPS[config.lattice_feature_map]
+        feature_map = CODE_MAPS[config.lattice_feature_map]
         q = feature_map(self.q_code(q).float())
         k = feature_map(self.k_code(k).float())
         v = F.normalize(v.float(), dim=-1)

@@ -2,15 +2,13 @@
 
 Backends sit behind the same call:
 
-- ``"recurrent"``: token by token, the literal definition (LATTICE.md §3); exact in any dtype, float64 included.
-- ``"torch"``: chunkwise-parallel (LATTICE.md §4) in plain PyTorch; exact for ``gates="exact"``.
+- ``"recurrent"``: token by token, the literal definition (docs/math.md §3); exact in any dtype, float64 included.
+- ``"torch"``: chunkwise-parallel (docs/math.md §4) in plain PyTorch; exact for ``gates="exact"``.
 - ``"triton"``: the fused GPU kernels (CUDA only).
 - ``"auto"``: ``"triton"`` on CUDA when available, else ``"torch"``.
 
 State and gate arithmetic run in float32 (float64 when the inputs are float64) whatever the activation dtype.
 """
-
-from typing import Literal
 
 import torch
 
@@ -18,11 +16,8 @@ from lattice_plugin.errors import LatticeError
 from lattice_plugin.kernels.chunk import chunk_lattice
 from lattice_plugin.kernels.gates import normalize_slots
 from lattice_plugin.kernels.recurrent import recurrent_lattice, recurrent_step
+from lattice_plugin.vocab import BACKENDS, GATE_MODES, Backend, GateMode, one_of
 
-Backend = Literal["auto", "recurrent", "torch", "triton"]
-Gates = Literal["exact", "chunk"]
-BACKENDS = ("auto", "recurrent", "torch", "triton")
-GATES = ("exact", "chunk")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,9 +41,9 @@ def resolve_backend(
 ) -> str:
     """Turn ``"auto"`` into a concrete backend and refuse combinations that do not exist."""
     if backend not in BACKENDS:
-        raise LatticeError(f"unknown Lattice backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if gates not in GATES:
-        raise LatticeError(f"unknown Lattice gates mode {gates!r}; choose 'exact' or 'chunk'")
+        raise LatticeError(f"unknown Lattice backend {backend!r}; choose {one_of(BACKENDS)}")
+    if gates not in GATE_MODES:
+        raise LatticeError(f"unknown Lattice gates mode {gates!r}; choose {one_of(GATE_MODES)}")
     triton_limits = None  # why the Triton kernels cannot serve this call, if they cannot
     if dtype == torch.float64:
         triton_limits = "the 'triton' Lattice backend computes in float32; use backend='torch' for float64"
@@ -95,7 +90,7 @@ def lattice_attention(
     s0: torch.Tensor,
     *,
     chunk_size: int = 64,
-    gates: Gates = "exact",
+    gates: GateMode = "exact",
     orthogonal: bool = True,
     normalize: bool = True,
     initial_state: torch.Tensor | None = None,
@@ -127,7 +122,7 @@ def lattice_attention(
         raise LatticeError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     backend = resolve_backend(backend, q.device, gates, q.dtype, chunk_size)
     dtype = compute_dtype(q.dtype)
-    if initial_state is None:  # the learned slots always start on the sphere (LATTICE.md §2-3)
+    if initial_state is None:  # the learned slots always start on the sphere (docs/math.md §2-3)
         state = normalize_slots(s0.to(dtype)).unsqueeze(0).expand(q.shape[0], -1, -1, -1)
     else:  # a state to continue from is used as given, apart from the retraction of the normalised variants
         state = normalize_slots(initial_state.to(dtype)) if normalize else initial_state.to(dtype)
@@ -155,7 +150,7 @@ def lattice_step(
     normalize: bool = True,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step (LATTICE.md §5): write one token into the fixed-slot state, then read.
+    """One decoding step (docs/math.md §5): write one token into the fixed-slot state, then read.
 
     q ``(B, Hq, m)``, k ``(B, Hkv, m)``, v ``(B, Hkv, d)``, beta ``(B, Hkv)``, state ``(B, Hkv, d, m)`` (float32).
     Returns ``(o (B, Hq, d) in the dtype of q, new_state)``; with ``inplace`` the new state is written into ``state``

@@ -31,7 +31,24 @@ SCRIPT_CLASSES = {
     "litgpt.scripts.merge_lora": _LORA,
 }
 
+# the scripts whose ``main`` joins ``checkpoint_dir / "lit_model.pth"`` to announce and load the weights
+CHECKPOINT_DIR_USERS = ("litgpt.generate.base", "litgpt.chat.base")
+
 _litgpt_check_valid_checkpoint_dir = None
+
+
+class CheckpointDir(type(Path())):
+    """A checkpoint directory in which ``lit_model.pth`` names the weights file that is there.
+
+    litgpt's generate and chat announce and load ``checkpoint_dir / "lit_model.pth"``; converted and distilled
+    checkpoints hold ``model.safetensors`` instead, so that join resolves to it (and nothing else changes).
+    """
+
+    def __truediv__(self, key: str) -> Path:
+        child = super().__truediv__(key)
+        if key == "lit_model.pth" and not child.is_file() and (self / "model.safetensors").is_file():
+            return Path(self, "model.safetensors")
+        return child
 
 
 def check_valid_checkpoint_dir(checkpoint_dir: Path, model_filename: str = "lit_model.pth", **kwargs: Any) -> None:
@@ -64,7 +81,7 @@ def load_checkpoint(fabric: L.Fabric, model: Any, checkpoint_path: Path, strict:
 
 
 def merge_lora(
-    checkpoint_dir: Path, pretrained_checkpoint_dir: Optional[Path] = None, precision: Optional[str] = None
+    checkpoint_dir: Path, pretrained_checkpoint_dir: Path | None = None, precision: str | None = None
 ) -> None:
     """Merges the LoRA weights with the base model (litgpt's ``merge_lora``, reading the base weights from
     ``lit_model.pth`` or ``model.safetensors`` and every file with ``weights_only=True``).
@@ -144,8 +161,14 @@ def patch_litgpt() -> None:
         importlib.import_module(module_name).merge_lora = merge_lora
     if "litgpt.__main__" in sys.modules:  # imported before patching by run_litgpt; a later import sees the rebinding
         sys.modules["litgpt.__main__"].PARSER_DATA["merge_lora"] = merge_lora
+    from jsonargparse.typing import get_registered_type, register_type
+
+    if get_registered_type(CheckpointDir) is None:
+        register_type(CheckpointDir, serializer=str, deserializer=CheckpointDir)
+    for module_name in CHECKPOINT_DIR_USERS:  # jsonargparse builds the argument from the annotation
+        importlib.import_module(module_name).main.__annotations__["checkpoint_dir"] = CheckpointDir
     pretrain = importlib.import_module("litgpt.pretrain")
-    pretrain.setup.__annotations__["model_config"] = Optional[LatticeConfig]
+    pretrain.setup.__annotations__["model_config"] = Optional[LatticeConfig]  # noqa: UP045 (litgpt's own spelling)
     patch_llm_api()
 
 

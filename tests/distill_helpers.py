@@ -19,7 +19,7 @@ def make_teacher(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = GPT(config)
     with torch.no_grad():  # litgpt's default init is tiny; give the attention outputs some size
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() == 2:
                 param.normal_(0.0, 0.2)
     out_dir.mkdir(parents=True)

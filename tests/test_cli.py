@@ -1,6 +1,8 @@
 """litgpt's own commands through ``lattice``: pretrain (and resume), generate, LoRA fine-tuning and merging, inspect."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,9 @@ def test_inspect_shows_layout_and_cache_comparison(pretrained):
     result = run_lattice("inspect", pretrained["out_dir"] / "final", "--lengths", "64,4096", cwd=pretrained["work"])
     assert "1/2 Lattice layers" in result.stdout
     assert "attention everywhere" in result.stdout and "lattice" in result.stdout and "attention" in result.stdout
+    assert "4,096*" in result.stdout and "beyond the model's block size (32 tokens)" in result.stdout
+    default = run_lattice("inspect", pretrained["out_dir"] / "final", cwd=pretrained["work"]).stdout
+    assert "2,048" not in default and "beyond" not in default  # lengths default to the block size (32)
 
 
 def test_finetune_lora_then_merge(pretrained, tmp_path):
@@ -126,3 +131,15 @@ def test_help_lists_the_commands_and_passes_through_to_litgpt(tmp_path):
     for command in ("pretrain", "finetune_lora", "generate", "chat", "inspect", "corpus", "tokenizer", "quickstart"):
         assert command in top
     assert "--model_config" in run_lattice("pretrain", "--help", cwd=tmp_path).stdout
+
+
+def test_help_imports_neither_torch_nor_litgpt(tmp_path):
+    """`lattice --help` stays fast: the command modules keep torch and litgpt inside the commands."""
+    probe = (
+        "import sys\nfrom lattice_plugin.cli import main\nsys.argv = ['lattice', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'litgpt', 'lightning') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert "quickstart" in result.stdout
+    assert result.stdout.strip().endswith("[]")

@@ -242,6 +242,8 @@ def test_lattice_generate_reads_converted_checkpoint(hybrid_llama):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "The quick" in result.stdout
+    assert f"Loading model {str(hybrid_llama / 'model.safetensors')!r}" in result.stderr  # the file that is there
+    assert "lit_model.pth" not in result.stderr
 
 
 @pytest.mark.parametrize("arch", ["llama", "neox"])

@@ -215,6 +215,7 @@ def test_overfit_recall_scores_one_and_untrained_scores_zero(checkpoints, tokeni
     assert json.loads((out / "lm-eval" / "recall-trained.json").read_text())["results"]["lattice_kv_recall"]
     summary = (out / "summary.md").read_text()
     assert "| lattice_kv_recall | exact_match (strip) | ↑ | 1.0000 | 0.0000 |" in summary
+    assert "![summary](summary.png)" in summary and (out / "summary.png").read_bytes().startswith(b"\x89PNG")
 
 
 # ---------------------------------------------------------------------------------------------------- tasks and data

@@ -16,9 +16,10 @@ from conftest import TINY_MODEL
 from lattice_plugin.cache import LatticeCache
 from lattice_plugin.config import LatticeConfig, parse_layer_spec
 from lattice_plugin.errors import LatticeCacheError, LatticeConfigError
-from lattice_plugin.inspect import cache_bytes
+from lattice_plugin.inspect import build_meta_model, cache_bytes, compare_sizes, default_context_lengths
 from lattice_plugin.lora import LoRALatticeConfig, LoRALatticeGPT
-from lattice_plugin.model import HeadwiseLinear, LatticeGPT, LatticeMixer
+from lattice_plugin.model import CODE_MAPS, HeadwiseLinear, LatticeGPT, LatticeMixer
+from lattice_plugin.vocab import FEATURE_MAPS
 
 NEOX_MODEL = dict(
     name="tiny-neox",
@@ -93,6 +94,15 @@ def test_bad_config_values_raise_one_clear_error(overrides, message):
         tiny_config(**overrides)
 
 
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+def test_every_feature_map_name_builds_a_model_with_bounded_codes(feature_map):
+    assert set(CODE_MAPS) == set(FEATURE_MAPS)
+    config = LatticeConfig(**TINY_MODEL, lattice_layers="all", lattice_feature_map=feature_map)
+    LatticeGPT(config)
+    codes = CODE_MAPS[feature_map](torch.randn(3, 5, 7) * 10)
+    assert codes.abs().max() <= 1  # with beta in (0, 1): |gamma| < 1 (docs/math.md §2)
+
+
 def test_latent_attention_cannot_become_lattice():
     latent = dict(q_lora_rank=8, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
     with pytest.raises(LatticeConfigError, match="latent attention"):
@@ -162,6 +172,15 @@ def test_cache_bytes_do_not_depend_on_the_context_length():
     grown = cache_bytes(hybrid, 128) - cache_bytes(hybrid, 64)
     attention_layers = config.n_layer - len(hybrid.config.lattice_layers)
     assert grown == attention_layers * 2 * config.n_query_groups * 64 * config.head_size * 2  # only the KV caches
+
+
+def test_inspect_words_the_cache_comparison_and_stays_within_the_block_size():
+    plain = build_meta_model(LatticeConfig(**TINY_MODEL))
+    same = cache_bytes(plain, 16)
+    assert compare_sizes(same, same) == "same"
+    assert compare_sizes(1024, 4096) == "4.0x smaller" and compare_sizes(4096, 1024) == "4.0x larger"
+    assert default_context_lengths(128) == [128]
+    assert default_context_lengths(131072) == [2048, 32768, 131072]
 
 
 def test_the_cache_refuses_rewinds_skips_and_oversized_batches():

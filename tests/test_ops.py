@@ -1,4 +1,4 @@
-"""The reference operators against the definition (LATTICE.md §3-4) on fresh random inputs of awkward sizes."""
+"""The reference operators against the definition (docs/math.md §3-4) on fresh random inputs of awkward sizes."""
 
 import itertools
 
@@ -28,7 +28,7 @@ def random_inputs(B=2, T=37, Hq=6, Hkv=2, m=5, d=7, dtype=torch.float64, feature
 
 
 def literal_lattice(q, k, v, beta, s0, initial_state, orthogonal, normalize):
-    """LATTICE.md §3 read aloud, one slot and one token at a time, in numpy float64."""
+    """docs/math.md §3 read aloud, one slot and one token at a time, in numpy float64."""
     q, k, v, beta = (x.double().numpy() for x in (q, k, v, beta))
     B, T, Hq, m = q.shape
     H, G = k.shape[2], Hq // k.shape[2]

@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from lattice_plugin.cli.app import app
+from lattice_plugin.vocab import FEATURE_MAPS, one_of
 
 
 @app.command()
@@ -32,8 +33,8 @@ def convert(
     slots: int | None = typer.Option(
         None, "--slots", "-m", help="Memory slots m per key/value head. Default: the head size.", show_default=False
     ),
-    feature_map: str = typer.Option("softmax", help="Code non-linearity: softmax, sigmoid, tanh or l2."),
-    gates: str = typer.Option("exact", help="exact (the recurrence) or chunk (gates frozen per chunk)."),
+    feature_map: str = typer.Option("softmax", help=f"Code non-linearity: {one_of(FEATURE_MAPS)}."),
+    gates: str = typer.Option("exact", help="exact (the recurrence) or chunk (gates frozen per chunk, the paper's)."),
     output_gate: bool = typer.Option(False, "--output-gate/--no-output-gate", help="Add a sigmoid output gate."),
     dtype: str | None = typer.Option(
         None, help="Output dtype: float32, bfloat16 or float16. Default: the source's.", show_default=False
@@ -48,7 +49,7 @@ def convert(
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
 ) -> None:
-    """Convert attention layers to Lattice layers, reusing q/k/v/o bit-for-bit (LATTICE.md §6).
+    """Convert attention layers to Lattice layers, reusing q/k/v/o bit-for-bit (docs/math.md §6).
 
     Embeddings, norms, MLPs, the head and unconverted layers are copied unchanged. The output (model_config.yaml,
     model.safetensors, tokenizer files, conversion.json) is renamed into place only when complete.

@@ -10,7 +10,12 @@ from lattice_plugin.cli.app import app
 @app.command()
 def inspect(
     checkpoint_dir: Path = typer.Argument(..., help="A checkpoint directory (Lattice, hybrid or plain litgpt)."),
-    lengths: str = typer.Option("2048,32768,131072", help="Context lengths (comma-separated) for the cache table."),
+    lengths: str | None = typer.Option(
+        None,
+        help="Context lengths (comma-separated) for the cache table. Default: 2048, 32768 and 131072 tokens up to "
+        "the model's block size, and the block size itself.",
+        show_default=False,
+    ),
     batch_size: int = typer.Option(1, help="Sequences per batch for the cache table."),
     kv_dtype: str = typer.Option("bfloat16", help="dtype of the attention KV cache (Lattice states are float32)."),
 ) -> None:
@@ -21,19 +26,32 @@ def inspect(
 
     from lattice_plugin.checkpoint import find_weights, validate_checkpoint
     from lattice_plugin.errors import LatticeError
-    from lattice_plugin.inspect import attention_only, build_meta_model, cache_bytes, format_bytes, layer_layout
+    from lattice_plugin.inspect import (
+        attention_only,
+        build_meta_model,
+        cache_bytes,
+        compare_sizes,
+        default_context_lengths,
+        format_bytes,
+        layer_layout,
+    )
 
-    try:
-        context_lengths = [int(part) for part in lengths.split(",")]
-    except ValueError:
-        raise LatticeError(f"--lengths must be comma-separated integers, got {lengths!r}") from None
-    if not context_lengths or min(context_lengths) < 1 or batch_size < 1:
-        raise LatticeError("--lengths and --batch-size must be positive")
+    context_lengths = None
+    if lengths is not None:
+        try:
+            context_lengths = [int(part) for part in lengths.split(",")]
+        except ValueError:
+            raise LatticeError(f"--lengths must be comma-separated integers, got {lengths!r}") from None
+        if not context_lengths or min(context_lengths) < 1:
+            raise LatticeError("--lengths must be positive")
+    if batch_size < 1:
+        raise LatticeError("--batch-size must be positive")
     dtype = getattr(torch, kv_dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise LatticeError(f"unknown --kv-dtype {kv_dtype!r} (e.g. bfloat16, float16, float32)")
 
     config = validate_checkpoint(checkpoint_dir)  # the counts below are the config's: the weights must match it
+    context_lengths = context_lengths or default_context_lengths(config.block_size)
     weights = find_weights(checkpoint_dir)
     model = build_meta_model(config)
     layout = layer_layout(model)
@@ -72,5 +90,10 @@ def inspect(
     for length in context_lengths:
         ours = cache_bytes(model, length, batch_size, dtype)
         theirs = cache_bytes(reference, length, batch_size, dtype)
-        caches.add_row(f"{length:,}", format_bytes(ours), format_bytes(theirs), f"{theirs / ours:.1f}x smaller")
+        beyond = "*" if length > config.block_size else ""
+        caches.add_row(f"{length:,}{beyond}", format_bytes(ours), format_bytes(theirs), compare_sizes(ours, theirs))
     console.print(caches)
+    if max(context_lengths) > config.block_size:
+        console.print(
+            f"* beyond the model's block size ({config.block_size:,} tokens): what the same layers would hold"
+        )

@@ -8,10 +8,12 @@ in a subprocess, exactly as a user would type it, so the quickstart also shows t
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -26,67 +28,131 @@ def recipe_path(relative: str) -> Path:
     return Path(str(resources.files("lattice_plugin.recipes") / relative))
 
 
-def run_step(title: str, args: list[str], timings: dict[str, float] | None = None) -> str:
-    """Run ``lattice ARGS`` and return its stdout; stream a short header, fail with the command's own message."""
-    from lattice_plugin.errors import LatticeError
+class OutputFilter:
+    """Sorts the lines of the steps' output: each distinct Python warning once (however many processes and
+    iterations repeat it, e.g. the DataLoader's pin_memory warning), the source line printed under a warning never,
+    anything else as the step's latest status."""
 
-    command = [sys.executable, "-m", "lattice_plugin", *args]
-    typer.echo(f"\n== {title}\n$ lattice {shlex.join(args)}", err=True)
-    env = {**os.environ, "COLUMNS": os.environ.get("COLUMNS", "120"), "LITDATA_DISABLE_VERSION_CHECK": "1"}
-    start = time.perf_counter()
-    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
-    if timings is not None:
-        timings[title] = time.perf_counter() - start
-    if result.returncode != 0:
-        raise LatticeError(f"step '{title}' failed (exit {result.returncode}): lattice {shlex.join(args)}")
-    return result.stdout
+    WARNING = re.compile(r"^\S.*:\d+: \w*Warning: (?P<message>.*)$")
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def feed(self, line: str, after_warning: bool) -> tuple[str, str]:
+        """``(kind, text)``: kind ``"warning"`` (print it), ``"repeated"`` (a warning already printed),
+        ``"status"`` (show it as the step's latest status) or ``"skip"``; ``after_warning``: whether the stream's
+        previous non-indented line was a warning (its indented source lines are skipped)."""
+        text = line.rstrip()
+        warning = self.WARNING.match(text)
+        if warning:
+            repeated = warning["message"] in self.seen
+            self.seen.add(warning["message"])
+            return ("repeated" if repeated else "warning"), text
+        if not text.strip() or (after_warning and line[:1].isspace()):
+            return "skip", text
+        return "status", " ".join(text.split())[:100]
 
 
-def format_table(report: dict) -> list[str]:
-    """The report's perplexity / cache / decode table as text lines."""
-    from lattice_plugin.inspect import format_bytes
+class StepRunner:
+    """Runs each step as ``lattice ARGS`` in a subprocess, as a user would type it.
 
-    perplexity, cache, decode = report["perplexity"], report["cache_bytes"], report.get("decode", {})
-    lengths = list(cache["teacher"])
-    header = f"{'model':<34} {'held-out ppl':>12}" + "".join(f" {'cache @' + f'{int(n):,}':>14}" for n in lengths)
-    header += f" {'decode tok/s':>13}"
-    lines = [header, "-" * len(header)]
-    rows = [
-        ("teacher (softmax attention)", "teacher", "teacher"),
-        ("converted, before distillation", "converted", "student"),
-        ("after stage 1: attention transfer", "stage1", "student"),
-        ("after stage 2: logit distillation", "stage2", "student"),
-    ]
-    for label, key, model in rows:
-        if key not in perplexity:
-            continue
-        cells = "".join(f" {format_bytes(cache[model][n]):>14}" for n in lengths)
-        speed = decode.get(f"{model}_tokens_per_sec")
-        lines.append(f"{label:<34} {perplexity[key]:>12.2f}{cells} {speed:>13.1f}" if speed else f"{label:<34} {perplexity[key]:>12.2f}{cells}")
-    return lines
+    While a step runs, a rich status line shows its latest output line (litgpt's and distill's progress); warnings
+    go through :class:`OutputFilter`; every line of every step goes to ``LOG_DIR/NN-command.log``, whose tail is
+    printed if the step fails.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)  # long commands stay copyable
+        self.log_dir = log_dir
+        self.timings: dict[str, float] = {}
+        self.filter = OutputFilter()
+        self.lock = threading.Lock()
+
+    def run(self, title: str, args: list[str]) -> str:
+        """Run one step; returns its stdout. A failing step stops the quickstart with the command and its log."""
+        from rich.markup import escape
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        from lattice_plugin.errors import LatticeError
+
+        self.console.print(f"\n[bold]== {escape(title)}[/bold]\n$ lattice {escape(shlex.join(args))}")
+        log_path = self.log_dir / f"{len(self.timings) + 1:02d}-{args[0]}.log"
+        env = {**os.environ, "COLUMNS": os.environ.get("COLUMNS", "120"), "LITDATA_DISABLE_VERSION_CHECK": "1"}
+        command = [sys.executable, "-m", "lattice_plugin", *args]
+        stdout: list[str] = []
+        start = time.perf_counter()
+        columns = (SpinnerColumn(), TimeElapsedColumn(), TextColumn("{task.description}"))
+        with (
+            log_path.open("w", encoding="utf-8") as log,
+            Progress(*columns, console=self.console, transient=True) as bar,
+        ):
+            task = bar.add_task("starting")
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+            def pump(stream, keep: list[str] | None) -> None:
+                after_warning = False
+                for line in stream:
+                    with self.lock:
+                        log.write(line)
+                        if keep is not None:
+                            keep.append(line)
+                        kind, text = self.filter.feed(line, after_warning)
+                        if kind == "warning":
+                            bar.console.print(escape(text), style="yellow")
+                        elif kind == "status":
+                            bar.update(task, description=escape(text))
+                        after_warning = kind in ("warning", "repeated") or (after_warning and kind == "skip")
+
+            readers = [
+                threading.Thread(target=pump, args=(process.stdout, stdout)),
+                threading.Thread(target=pump, args=(process.stderr, None)),
+            ]
+            for reader in readers:
+                reader.start()
+            for reader in readers:
+                reader.join()
+            returncode = process.wait()
+        seconds = time.perf_counter() - start
+        self.timings[title] = seconds
+        if returncode != 0:
+            tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-20:]
+            self.console.print("\n".join(escape(line) for line in tail), style="red")
+            raise LatticeError(
+                f"step '{title}' failed (exit {returncode}; log: {log_path}): lattice {shlex.join(args)}"
+            )
+        self.console.print(f"done in {seconds:.0f}s (log: {escape(str(log_path))})")
+        return "".join(stdout)
 
 
 @app.command()
 def quickstart(
     out_dir: Path = typer.Option(Path("out/quickstart"), "--out", help="Where every step writes."),
     teacher_tokens: int = typer.Option(409_600, help="Training tokens of the tiny attention teacher."),
-    layers: str = typer.Option("all", help="Layers converted to Lattice (e.g. all, or attention_every:4 for a hybrid)."),
+    layers: str = typer.Option(
+        "all", help="Layers converted to Lattice (e.g. all, or attention_every:4 for a hybrid)."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
 ) -> None:
     """Train a tiny attention teacher on the shipped text, convert it to Lattice, distill it in two stages, and
-    print held-out perplexity of each step with cache bytes and decode speed of teacher and student."""
+    print held-out perplexity of each step with cache bytes and decode speed of teacher and student (and draw them:
+    report.png beside the distillation's report.json)."""
+    from lattice_plugin.checkpoint import atomic_write, load_config
     from lattice_plugin.errors import LatticeError
+    from lattice_plugin.quickstart_report import cache_curves, format_table, plot_report
 
     if out_dir.exists():
         if not force:
             raise LatticeError(f"{str(out_dir)!r} already exists; pass --force to replace it")
         shutil.rmtree(out_dir)
     started = time.perf_counter()
-    timings: dict[str, float] = {}
+    (out_dir / "logs").mkdir(parents=True)
+    steps = StepRunner(out_dir / "logs")
     corpus_dir, teacher_dir = out_dir / "corpus", out_dir / "teacher"
     converted_dir, distill_dir = out_dir / "converted", out_dir / "distill"
-    run_step("Shipped text and a BPE tokenizer", ["corpus", str(corpus_dir)], timings)
-    run_step(
+    steps.run("Shipped text and a BPE tokenizer", ["corpus", str(corpus_dir)])
+    steps.run(
         "Pretrain a tiny softmax-attention teacher with litgpt (CPU: a few minutes)",
         [
             "pretrain",
@@ -97,14 +163,12 @@ def quickstart(
             "--data.val_data_path", str(corpus_dir / "val"),
             "--train.max_tokens", str(teacher_tokens),
         ],
-        timings,
-    )
-    run_step(
+    )  # fmt: skip
+    steps.run(
         "Convert attention to Lattice (q/k/v/o reused, new Lattice parameters initialised)",
         ["convert", str(teacher_dir / "final"), "--out", str(converted_dir), "--layers", layers],
-        timings,
     )
-    run_step(
+    steps.run(
         "Distill: stage 1 attention transfer, stage 2 logit distillation (CPU: a few minutes)",
         [
             "distill",
@@ -115,17 +179,21 @@ def quickstart(
             "--data.train_data_path", str(corpus_dir / "train"),
             "--data.val_data_path", str(corpus_dir / "val"),
         ],
-        timings,
-    )
+    )  # fmt: skip
     prompt = "A celebrity is"
-    generated = run_step(
+    generated = steps.run(
         "Generate with the distilled student's fixed-slot cache",
         ["generate", str(distill_dir / "final"), "--prompt", prompt, "--max_new_tokens", "40"],
-        timings,
     )
     sample = generated[generated.rfind(prompt) :]  # litgpt prints its arguments (the prompt among them) first
 
     report = json.loads((distill_dir / "report.json").read_text(encoding="utf-8"))
+    lengths = [2**k for k in range(7, 18)]  # 128 .. 131072 tokens
+    curves = cache_curves(teacher_dir / "final", distill_dir / "final", lengths)
+    block_size = load_config(distill_dir / "final").block_size
+    png_path = distill_dir / "report.png"
+    atomic_write(png_path, plot_report(report, lengths, curves, block_size))
+
     tokens = report["tokens"]
     typer.echo("\n== Report")
     typer.echo(
@@ -146,8 +214,17 @@ def quickstart(
         typer.echo(
             f"(cache: one sequence, KV in bfloat16, Lattice state in float32; decode: batch 1, greedy, "
             f"{decode['new_tokens']} tokens after a {decode['prompt_tokens']}-token prompt, {decode['dtype']}; "
-            "the three student rows share one architecture, so one cache size and one decode speed)"
+            "the three student rows share one architecture, so one cache size and one decode speed; "
+            f"lengths beyond the block size of {block_size} show what the same layers would hold)"
         )
     typer.echo(f"\nsample: {' '.join(sample.split())}")
-    typer.echo("time: " + ", ".join(f"{title.split(' (')[0].split(':')[0].lower()} {seconds:.0f}s" for title, seconds in timings.items()))
-    typer.echo(f"total: {time.perf_counter() - started:.0f}s; report: {distill_dir / 'report.json'}; student: {distill_dir / 'final'}")
+    typer.echo(
+        "time: "
+        + ", ".join(
+            f"{title.split(' (')[0].split(':')[0].lower()} {seconds:.0f}s" for title, seconds in steps.timings.items()
+        )
+    )
+    typer.echo(
+        f"total: {time.perf_counter() - started:.0f}s; report: {distill_dir / 'report.json'} and {png_path}; "
+        f"student: {distill_dir / 'final'}; logs: {out_dir / 'logs'}"
+    )

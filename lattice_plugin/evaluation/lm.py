@@ -330,7 +330,7 @@ class LatticeLM(TemplateLM):
             max_new = min(max_new, self._max_length - len(tokens))
             prepared.append((tokens, until, max_new, settings))
         groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, (tokens, until, max_new, settings) in enumerate(prepared):
+        for i, (tokens, _until, max_new, settings) in enumerate(prepared):
             groups[(len(tokens), max_new, settings)].append(i)
         outputs: list[str | None] = [None] * len(requests)
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Running generate_until requests")

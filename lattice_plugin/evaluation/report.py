@@ -15,7 +15,6 @@ from typing import Any
 
 from lattice_plugin.checkpoint import atomic_write
 
-PNG_NOTE = "no PNG: matplotlib is not installed (install the plugin's `eval` extra, or `pip install matplotlib`)"
 
 
 @dataclass
@@ -117,21 +116,20 @@ def markdown_report(table: list[Row], checkpoints: dict[str, str], settings: dic
     lines += ["", "Settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()), ""]
     lines += ["Values are `metric ± stderr` (lm-eval's standard error); ↑ higher is better, ↓ lower is better.", ""]
     lines.append(markdown_table(table, list(checkpoints)))
-    lines.append(f"![summary]({png})" if png else f"({PNG_NOTE})")
+    if png:
+        lines.append(f"![summary]({png})")
     return "\n".join(lines) + "\n"
 
 
 def plot_png(table: list[Row], labels: list[str]) -> bytes | None:
-    """A bar chart per (task, metric) with stderr bars, checkpoints side by side; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    """A bar chart per (task, metric) with stderr bars, checkpoints side by side; None for an empty table."""
     if not table:
         return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     columns = min(3, len(table))
     rows_n = math.ceil(len(table) / columns)
     figure, axes = plt.subplots(rows_n, columns, figsize=(4.2 * columns, 3.2 * rows_n), squeeze=False)
@@ -160,7 +158,7 @@ def plot_png(table: list[Row], labels: list[str]) -> bytes | None:
 def write_summary(
     out_dir: Path, table: list[Row], checkpoints: dict[str, str], settings: dict[str, Any]
 ) -> tuple[Path, Path | None]:
-    """Write ``summary.md`` and (with matplotlib) ``summary.png`` into ``out_dir``; returns their paths."""
+    """Write ``summary.md`` and ``summary.png`` (unless the table is empty) into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     png = plot_png(table, list(checkpoints))
     png_path = out_dir / "summary.png" if png is not None else None

@@ -11,7 +11,7 @@ Output directory::
     results.json              all checkpoints: {"checkpoints": {label: dir}, "settings", "results": {label: lm-eval}}
     lm-eval/<label>.json      lm-eval's own result JSON of each checkpoint
     samples/<label>/<task>.jsonl   per-document outputs (with log_samples)
-    summary.md, summary.png   the side-by-side table (PNG when matplotlib is installed)
+    summary.md, summary.png   the side-by-side table and its chart
     task-data/                the generated data and task YAMLs (an lm-eval --include_path: task-data/tasks)
 """
 
@@ -313,7 +313,7 @@ def _evaluate(
     atomic_write(out_dir / "results.json", json.dumps(combined, indent=2, default=str) + "\n")
     md_path, png_path = report.write_summary(out_dir, table, combined["checkpoints"], shown)
     echo(report.text_table(table, list(labels)))
-    echo(f"wrote {out_dir / 'results.json'}, {md_path}" + (f", {png_path}" if png_path else f" ({report.PNG_NOTE})"))
+    echo(f"wrote {out_dir / 'results.json'}, {md_path}" + (f", {png_path}" if png_path else ""))
     return combined
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lattice_plugin.checkpoint import atomic_write
-from lattice_plugin.config import BACKENDS
+from lattice_plugin.vocab import BACKENDS
 from lattice_plugin.corpus import shipped_corpus, train_tokenizer
 from lattice_plugin.errors import LatticeError
 from lattice_plugin.recall.mixers import (
