@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lattice_plugin.checkpoint import atomic_write
+from lattice_plugin.checkpoint import atomic_write, validate_checkpoint
 from lattice_plugin.errors import LatticeError
 from lattice_plugin.recall.results import device_info, pyplot, write_png
 
@@ -61,12 +61,12 @@ def run_passkey(
 
     from lattice_plugin.evaluation.data import TaskDataConfig, prepare_tasks
     from lattice_plugin.evaluation.lm import LatticeLM, load_tokenizer, resolve_dtype
-    from lattice_plugin.evaluation.runner import build_task_manager, check_checkpoint, enforce_offline
+    from lattice_plugin.evaluation.runner import build_task_manager, enforce_offline
 
     if not checkpoints:
         raise LatticeError("give at least one checkpoint directory")
     for checkpoint_dir in checkpoints.values():
-        check_checkpoint(checkpoint_dir)
+        validate_checkpoint(checkpoint_dir, tokenizer=True)
     enforce_offline()
     data_config = TaskDataConfig(passkey_lengths=lengths, passkey_items=items, seed=seed)
     tasks_dir = prepare_tasks(out_path.with_suffix("").with_name(out_path.stem + "-task-data"), data_config)
