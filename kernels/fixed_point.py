@@ -15,7 +15,7 @@ Only the normalised variants (``normalize=True``) are covered: their forget gate
 import torch
 
 from .chunk import gated_chunk
-from .gates import slot_gates
+from .gates import normalize_slots, slot_gates
 
 
 def fixed_point_gates(
@@ -54,11 +54,13 @@ def fixed_point_lattice(
     *,
     iters: int = 2,
     sub_chunk: int = 16,
+    chunk_size: int = 64,
     orthogonal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``chunk.chunk_lattice`` (``normalize=True``), gates by :func:`fixed_point_gates` on
-    ``sub_chunk``-token spans; ``iters >= sub_chunk`` is exact. Returns ``(o, final_state, residual)``, the
-    residual being the largest over all sub-chunks."""
+    ``sub_chunk``-token spans; ``iters >= sub_chunk`` is exact. The slots are renormalised every ``chunk_size``
+    tokens (a multiple of ``sub_chunk``), as the kernels do: with inexact gates the result depends on where.
+    Returns ``(o, final_state, residual)``, the residual being the largest over all sub-chunks."""
     B, T, Hq, m = q.shape
     H, d = v.shape[2], v.shape[3]
     dtype = state.dtype
@@ -68,11 +70,13 @@ def fixed_point_lattice(
     outputs, residual = [], torch.zeros((), dtype=dtype, device=q.device)
     for start in range(0, T, sub_chunk):
         end = min(start + sub_chunk, T)
+        if start and start % chunk_size == 0:
+            state = normalize_slots(state)
         vs = v[:, :, start:end]
         a, b, res = fixed_point_gates(vs @ state, vs @ vs.mT, gamma[:, :, start:end], iters=iters,
                                       orthogonal=orthogonal)
-        o, state = gated_chunk(q[:, :, :, start:end], a, b, vs, state, normalize=True)
+        o, state = gated_chunk(q[:, :, :, start:end], a, b, vs, state, normalize=False)
         outputs.append(o)
         residual = torch.maximum(residual, res)
     o = torch.cat(outputs, dim=3)  # (B, H, G, T, d)
-    return o.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, d), state, residual
+    return o.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, d), normalize_slots(state), residual

@@ -64,6 +64,6 @@ def test_error_falls_with_iterations_and_residual_tracks_it():
 
 def test_no_iteration_is_the_frozen_chunk_gates():
     inputs = make_inputs(2, 29, 2, 2, 9, 11)
-    got = outputs_and_grads(lambda *x: fixed_point_lattice(*x, iters=0, sub_chunk=16), inputs)
+    got = outputs_and_grads(lambda *x: fixed_point_lattice(*x, iters=0, sub_chunk=16, chunk_size=16), inputs)
     ref = outputs_and_grads(lambda *x: chunk_lattice(*x, chunk_size=16, gates="chunk"), inputs)
     assert max(rel_errors(got, ref)) < 1e-12
