@@ -8,10 +8,12 @@ few iterations must shrink the error and report a residual of the same order.
 import pytest
 import torch
 
+from lattice_plugin.errors import LatticeError
 from lattice_plugin.kernels.chunk import chunk_lattice
 from lattice_plugin.kernels.fixed_point import fixed_point_lattice
 from lattice_plugin.kernels.gates import normalize_slots
 from lattice_plugin.kernels.recurrent import recurrent_lattice
+from lattice_plugin.ops import lattice_attention
 
 
 def make_inputs(B, T, Hq, H, m, d, *, sharp=1.0):
@@ -67,3 +69,21 @@ def test_no_iteration_is_the_frozen_chunk_gates():
     got = outputs_and_grads(lambda *x: fixed_point_lattice(*x, iters=0, sub_chunk=16, chunk_size=16), inputs)
     ref = outputs_and_grads(lambda *x: chunk_lattice(*x, chunk_size=16, gates="chunk"), inputs)
     assert max(rel_errors(got, ref)) < 1e-12
+
+
+def test_operator_option_and_bad_settings():
+    """``lattice_attention(gate_solver="fixed_point")`` on the torch backend, and its refusals."""
+    q, k, v, beta, s0 = (x.detach() for x in make_inputs(2, 21, 4, 2, 6, 5))
+    s0 = s0[0]
+    ref, ref_state = lattice_attention(q, k, v, beta, s0, backend="recurrent", output_final_state=True)
+    o, state = lattice_attention(q, k, v, beta, s0, backend="torch", gate_solver="fixed_point", fixed_point_iters=16,
+                                 output_final_state=True)
+    assert (o - ref).abs().max() < 1e-10 and (state - ref_state).abs().max() < 1e-10
+    for options, message in [
+        (dict(gate_solver="newton"), "unknown gate_solver"),
+        (dict(gate_solver="fixed_point", backend="recurrent"), "needs a chunked backend"),
+        (dict(gate_solver="fixed_point", normalize=False), "needs normalize=True"),
+        (dict(gate_solver="fixed_point", fixed_point_iters=-1), "non-negative integer"),
+    ]:
+        with pytest.raises(LatticeError, match=message):
+            lattice_attention(q, k, v, beta, s0, backend=options.pop("backend", "torch"), **options)
