@@ -36,6 +36,17 @@ def _log_cumsum(a):
 
 
 @triton.jit
+def _load_step(k, v, beta, tok0, t0, T, o_t, o_d, d_mask, o_m, m_mask, H: tl.constexpr, M: tl.constexpr,
+               D: tl.constexpr):
+    """The V, k and beta tiles of the step starting at token ``t0`` (zeros past ``T``: identity tokens)."""
+    t_mask = t0 + o_t < T
+    rows = tok0 + (t0 + o_t).to(tl.int64) * H
+    V = tl.load(v + rows[:, None] * D + o_d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+    K = tl.load(k + rows[:, None] * M + o_m[None, :], mask=t_mask[:, None] & m_mask[None, :], other=0.0)
+    return V, K, tl.load(beta + rows, mask=t_mask, other=0.0)
+
+
+@triton.jit
 def _matmul_gates_kernel(
     k, v, beta, s_init, c_out, states, s_final, res_out,
     T, NC,
@@ -61,6 +72,8 @@ def _matmul_gates_kernel(
     strict = o_t[:, None] > o_t[None, :]
     residual = tl.zeros([BM], dtype=tl.float32)
     tok0 = i_b.to(tl.int64) * T * H + i_h  # row of token t of this head in (B, T, H, .) tensors: tok0 + t * H
+    # the V, k and beta tiles of the next step load while this one computes (the first ones here)
+    Vn, Kn, Bn = _load_step(k, v, beta, tok0, 0, T, o_t, o_d, d_mask, o_m, m_mask, H, M, D)
     t0 = 0
     while t0 < T:  # while, not range: the interpreter cannot take run-time range bounds
         if t0 % CS == 0:
@@ -69,14 +82,12 @@ def _matmul_gates_kernel(
             tl.store(states + (i_bh.to(tl.int64) * NC + t0 // CS) * D * M + s_off, S, mask=s_mask)
             if KEEP_START:
                 S0 = S
+        V = Vn.to(tl.float32)
+        gamma = Bn.to(tl.float32)[:, None] * Kn.to(tl.float32)
+        Vn, Kn, Bn = _load_step(k, v, beta, tok0, t0 + BT, T, o_t, o_d, d_mask, o_m, m_mask, H, M, D)
         t_mask = t0 + o_t < T
         rows = tok0 + (t0 + o_t).to(tl.int64) * H
-        V = tl.load(v + rows[:, None] * D + o_d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
-        V = V.to(tl.float32)
         tm_mask = t_mask[:, None] & m_mask[None, :]
-        gamma = tl.load(beta + rows, mask=t_mask, other=0.0).to(tl.float32)[:, None] * tl.load(
-            k + rows[:, None] * M + o_m[None, :], mask=tm_mask, other=0.0
-        ).to(tl.float32)
         vv = tl.sum(V * V, 1)[:, None]
         ns = tl.full([BT, BM], 1.0, dtype=tl.float32)
         if KEEP_START:
