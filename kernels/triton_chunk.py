@@ -1049,11 +1049,13 @@ def lattice_fwd(q, k, v, beta, state, setup: _Setup):
     if s.gate_solver == "fixed_point":  # the gate pass by matmuls (kernels/triton_gates_fwd.py); normalised only
         from .triton_gates_fwd import matmul_gate_pass
 
-        c, states, final, _ = matmul_gate_pass(k, v, beta, state, chunk_size=s.CS, exact=s.exact,
-                                               iters=s.fixed_point_iters, orthogonal=s.flags["ORTHOGONAL"],
-                                               prec=s.prec)
+        c, states, final, norms, _ = matmul_gate_pass(k, v, beta, state, chunk_size=s.CS, exact=s.exact,
+                                                      iters=s.fixed_point_iters, orthogonal=s.flags["ORTHOGONAL"],
+                                                      prec=s.prec)
         ns = c
+        extra = (norms, final)  # the frozen-gate reverse pass re-reads them
     else:
+        extra = ()
         c = s.new(s.B, s.T, s.H, s.M, like=q)
         ns = s.new(s.B, s.T, s.H, s.M, like=q) if s.flags["TRACK_NS"] else c
         states = s.new(s.B, s.H, s.NC, s.D, s.M, like=q)
@@ -1070,33 +1072,44 @@ def lattice_fwd(q, k, v, beta, state, setup: _Setup):
         q, k, v, beta, gram, c, ns, states, o, s.T, s.NC,
         s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, bv, False, False, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
     )
-    return o, final, (gram, c, ns, states)
+    return o, final, (gram, c, ns, states, *extra)
 
 
 def lattice_bwd(do, d_final, q, k, v, beta, saved, setup: _Setup):
     """Backward: ``(dq, dk, dv, dbeta, d_state)`` for the inputs of :func:`lattice_fwd`."""
     s = setup
-    gram, c, ns, states = saved
+    gram, c, ns, states, *gate_pass = saved
     hgram = _sub_gram(do, v)
-    dc = s.new(s.B, s.T, s.H, s.M, like=q)
-    dgamma = torch.empty_like(dc)
-    dvv = torch.empty_like(dc)
-    g_end = torch.empty_like(states)
-    d_init = s.new(s.B, s.H, s.D, s.M, like=q)
-    n_mb = triton.cdiv(s.M, s.bm_bwd)
-    scratch = s.new(s.B * s.H * n_mb * (s.CS // BC) * s.BD * s.bm_bwd, like=q)
-    _bwd_scan_kernel[(n_mb, s.B * s.H)](
-        q, do, k, v, beta, gram, hgram, c, ns, states, d_final if d_final is not None else dc, scratch,
-        dc, dgamma, dvv, g_end, d_init, s.T, s.NC,
-        s.HQ, s.H, s.M, s.D, BC, s.CS, s.bm_bwd, s.BD, s.exact, HAS_DFINAL=d_final is not None, PREC=s.prec,
-        **s.flags, num_warps=s.warps_bwd,
-    )
-    dq = torch.empty_like(q)
+    matmul_reverse = s.gate_solver == "fixed_point" and not s.exact  # frozen gates: kernels/triton_gates_bwd.py
+    dq = torch.empty(q.shape, device=q.device, dtype=torch.float32) if matmul_reverse else torch.empty_like(q)
     bk = min(BK_DQ, s.BK)
     _bwd_dq_kernel[(triton.cdiv(s.M, bk), s.NC, s.B * s.HQ)](
         do, k, v, beta, gram, hgram, c, ns, states, dq, s.T, s.NC,
         s.HQ, s.H, s.M, s.D, BC, s.CS, bk, s.BD, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
     )
+    if matmul_reverse:
+        from .triton_gates_bwd import frozen_reverse_pass
+
+        qdq = (q.float() * dq).view(s.B, s.T, s.H, s.HQ // s.H, s.M).sum(3)
+        dc, dgamma, dvv, g_end, d_init = frozen_reverse_pass(
+            q, do, k, v, beta, c, qdq, states, *gate_pass, d_final, chunk_size=s.CS,
+            orthogonal=s.flags["ORTHOGONAL"], prec=s.prec,
+        )
+        dq = dq.to(q.dtype)
+    else:
+        dc = s.new(s.B, s.T, s.H, s.M, like=q)
+        dgamma = torch.empty_like(dc)
+        dvv = torch.empty_like(dc)
+        g_end = torch.empty_like(states)
+        d_init = s.new(s.B, s.H, s.D, s.M, like=q)
+        n_mb = triton.cdiv(s.M, s.bm_bwd)
+        scratch = s.new(s.B * s.H * n_mb * (s.CS // BC) * s.BD * s.bm_bwd, like=q)
+        _bwd_scan_kernel[(n_mb, s.B * s.H)](
+            q, do, k, v, beta, gram, hgram, c, ns, states, d_final if d_final is not None else dc, scratch,
+            dc, dgamma, dvv, g_end, d_init, s.T, s.NC,
+            s.HQ, s.H, s.M, s.D, BC, s.CS, s.bm_bwd, s.BD, s.exact, HAS_DFINAL=d_final is not None, PREC=s.prec,
+            **s.flags, num_warps=s.warps_bwd,
+        )
     dv = s.new(s.B, s.T, s.H, s.D, like=q)
     bv = s.read_bv()
     _chunk_read_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.H)](

@@ -48,7 +48,7 @@ def _load_step(k, v, beta, tok0, t0, T, o_t, o_d, d_mask, o_m, m_mask, H: tl.con
 
 @triton.jit
 def _matmul_gates_kernel(
-    k, v, beta, s_init, c_out, states, s_final, res_out,
+    k, v, beta, s_init, c_out, states, s_final, norms, res_out,
     T, NC,
     H: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
     CS: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
@@ -56,7 +56,8 @@ def _matmul_gates_kernel(
     PREC: tl.constexpr,
 ):
     """Stores ``c`` per token ``(B, T, H, M)``, the state at every chunk start ``(B, H, NC, D, M)`` (columns
-    renormalised there, as in chunk.py), the final state and the program's residual. KEEP_START: frozen gates
+    renormalised there, as in chunk.py), the norms of the columns before that ``(B, H, NC, M)`` (chunk ``i``'s
+    end; the last is the final state's), the final state and the program's residual. KEEP_START: frozen gates
     on steps shorter than the chunk read the chunk-start state carried beside the running one."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -78,7 +79,9 @@ def _matmul_gates_kernel(
     while t0 < T:  # while, not range: the interpreter cannot take run-time range bounds
         if t0 % CS == 0:
             if t0 > 0:  # retraction at every chunk end, as in chunk.py
-                S = S / tl.maximum(tl.sqrt(tl.sum(S * S, 0)), 1e-12)[None, :]
+                norm = tl.maximum(tl.sqrt(tl.sum(S * S, 0)), 1e-12)
+                tl.store(norms + (i_bh.to(tl.int64) * NC + t0 // CS - 1) * M + o_m, norm, mask=m_mask)
+                S = S / norm[None, :]
             tl.store(states + (i_bh.to(tl.int64) * NC + t0 // CS) * D * M + s_off, S, mask=s_mask)
             if KEEP_START:
                 S0 = S
@@ -110,7 +113,9 @@ def _matmul_gates_kernel(
         g_end = tl.sum(la, 0)
         S = S * tl.exp(g_end)[None, :] + tl.dot(tl.trans(V), b * tl.exp(g_end[None, :] - g), input_precision=PREC)
         t0 += BT
-    S = S / tl.maximum(tl.sqrt(tl.sum(S * S, 0)), 1e-12)[None, :]
+    norm = tl.maximum(tl.sqrt(tl.sum(S * S, 0)), 1e-12)
+    tl.store(norms + (i_bh.to(tl.int64) * NC + NC - 1) * M + o_m, norm, mask=m_mask)
+    S = S / norm[None, :]
     tl.store(s_final + i_bh.to(tl.int64) * D * M + s_off, S, mask=s_mask)
     tl.store(res_out + i_bh * tl.num_programs(0) + i_m, tl.max(residual, 0))
 
@@ -129,10 +134,11 @@ def _frozen_step(chunk_size: int) -> int:
 
 
 def matmul_gate_pass(k, v, beta, state, *, chunk_size: int, exact: bool, iters: int, orthogonal: bool, prec: str):
-    """``(c, states, final_state, residual)`` for contiguous ``k (B, T, H, M)``, ``v (B, T, H, D)``,
+    """``(c, states, final_state, norms, residual)`` for contiguous ``k (B, T, H, M)``, ``v (B, T, H, D)``,
     ``beta (B, T, H)`` and a float32 ``state (B, H, D, M)``; ``T`` a multiple of 16 (padded by the caller).
 
     ``chunk_size``: tokens between stored states (the frozen-gate span when not ``exact``; a multiple of 16).
+    ``norms``: the column norms each chunk's end state had before its retraction ``(B, H, NC, M)``.
     ``residual``: ``max |c^(K) - c^(K-1)|`` over the whole call (a 0-d tensor; 0 when not ``exact`` or ``iters=0``).
     """
     B, T, H, M = k.shape
@@ -143,11 +149,12 @@ def matmul_gate_pass(k, v, beta, state, *, chunk_size: int, exact: bool, iters: 
     c = torch.empty(B, T, H, M, device=k.device, dtype=torch.float32)
     states = torch.empty(B, H, NC, D, M, device=k.device, dtype=torch.float32)
     final = torch.empty(B, H, D, M, device=k.device, dtype=torch.float32)
+    norms = torch.empty(B, H, NC, M, device=k.device, dtype=torch.float32)
     n_mb = triton.cdiv(M, bm)
     residual = torch.zeros(B * H * n_mb, device=k.device, dtype=torch.float32)
     _matmul_gates_kernel[(n_mb, B * H)](
-        k, v, beta, state, c, states, final, residual, T, NC,
+        k, v, beta, state, c, states, final, norms, residual, T, NC,
         H, M, D, chunk_size, bt, bm, _pow2(D), exact, iters if exact else 0, not exact and bt < chunk_size,
         orthogonal, PREC=prec, num_warps=GATE_WARPS,
     )
-    return c, states, final, residual.max()
+    return c, states, final, norms, residual.max()
