@@ -1053,7 +1053,7 @@ def lattice_fwd(q, k, v, beta, state, setup: _Setup):
                                                       iters=s.fixed_point_iters, orthogonal=s.flags["ORTHOGONAL"],
                                                       prec=s.prec)
         ns = c
-        extra = (norms, final)  # the frozen-gate reverse pass re-reads them
+        extra = (norms, final)  # the matmul reverse pass re-reads them
     else:
         extra = ()
         c = s.new(s.B, s.T, s.H, s.M, like=q)
@@ -1080,7 +1080,7 @@ def lattice_bwd(do, d_final, q, k, v, beta, saved, setup: _Setup):
     s = setup
     gram, c, ns, states, *gate_pass = saved
     hgram = _sub_gram(do, v)
-    matmul_reverse = s.gate_solver == "fixed_point" and not s.exact  # frozen gates: kernels/triton_gates_bwd.py
+    matmul_reverse = s.gate_solver == "fixed_point"  # the reverse pass by matmuls: kernels/triton_gates_bwd.py
     dq = torch.empty(q.shape, device=q.device, dtype=torch.float32) if matmul_reverse else torch.empty_like(q)
     bk = min(BK_DQ, s.BK)
     _bwd_dq_kernel[(triton.cdiv(s.M, bk), s.NC, s.B * s.HQ)](
@@ -1088,12 +1088,12 @@ def lattice_bwd(do, d_final, q, k, v, beta, saved, setup: _Setup):
         s.HQ, s.H, s.M, s.D, BC, s.CS, bk, s.BD, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
     )
     if matmul_reverse:
-        from .triton_gates_bwd import frozen_reverse_pass
+        from .triton_gates_bwd import matmul_reverse_pass
 
         qdq = (q.float() * dq).view(s.B, s.T, s.H, s.HQ // s.H, s.M).sum(3)
-        dc, dgamma, dvv, g_end, d_init = frozen_reverse_pass(
-            q, do, k, v, beta, c, qdq, states, *gate_pass, d_final, chunk_size=s.CS,
-            orthogonal=s.flags["ORTHOGONAL"], prec=s.prec,
+        dc, dgamma, dvv, g_end, d_init = matmul_reverse_pass(
+            q, do, k, v, beta, c, qdq, states, *gate_pass, d_final, chunk_size=s.CS, exact=s.exact,
+            iters=s.fixed_point_iters, orthogonal=s.flags["ORTHOGONAL"], prec=s.prec,
         )
         dq = dq.to(q.dtype)
     else:
