@@ -1,8 +1,10 @@
-"""The matmul gate pass (kernels/triton_gates_fwd.py) on the CPU through Triton's interpreter.
+"""The matmul gate passes (kernels/triton_gates_fwd.py and triton_gates_bwd.py) on the CPU through Triton's
+interpreter.
 
 Frozen chunk gates against the float64 chunkwise reference, converged fixed-point gates against the float64
-token-by-token recurrence, few iterations against the plain-PyTorch fixed point (values and residual); gradients
-through the backward of triton_chunk, which the pass feeds. Awkward shapes, fresh random inputs every run.
+token-by-token recurrence (values and every gradient), few iterations against the plain-PyTorch fixed point (values
+and residual) and against the recurrence (gradients converge with the iterations). Awkward shapes, fresh random
+inputs every run.
 """
 
 import pytest
@@ -21,7 +23,7 @@ from lattice_plugin.kernels.triton_gates_fwd import matmul_gate_pass  # noqa: E4
 def compare(dtype, shape, *, gates, reference, chunk_size=64, iters=16, orthogonal=True, inputs=None):
     """Relative errors of outputs, final state and every gradient against a float64 ``reference(q, k, v, beta, s)``."""
     q, k, v, beta, s0 = inputs if inputs is not None else random_inputs(*shape, per_batch_state=True)
-    ins = [x.to(dtype).requires_grad_() for x in (q, k, v, beta)]
+    ins = [x.detach().to(dtype, copy=True).requires_grad_() for x in (q, k, v, beta)]
     s_leaf = s0.clone().requires_grad_()
     o, final = chunk_lattice_triton(*ins, normalize_slots(s_leaf), chunk_size=chunk_size, gates=gates,
                                     orthogonal=orthogonal, gate_solver="fixed_point", fixed_point_iters=iters)
@@ -89,3 +91,16 @@ def test_rejects_unnormalised_slots():
     q, k, v, beta, s0 = random_inputs(1, 4, 1, 1, 16, 16, per_batch_state=True)
     with pytest.raises(ValueError, match="normalize=True"):
         chunk_lattice_triton(q, k, v, beta, s0, normalize=False, gate_solver="fixed_point")
+
+
+def test_few_iteration_gradients_converge():
+    """The truncated adjoint (K + 1 evaluations) approaches the exact gradients as K grows."""
+    shape = (1, 40, 2, 1, 20, 24)
+    q, k, v, beta, s0 = random_inputs(*shape, per_batch_state=True)
+    inputs = (q, torch.softmax(4 * k, dim=-1), v, beta, s0)
+    worst = []
+    for iters in (1, 3, 6):
+        torch.manual_seed(0)  # the same output gradients for every K
+        errors = compare(torch.float32, shape, gates="exact", iters=iters, reference=recurrent_lattice, inputs=inputs)
+        worst.append(max(errors.values()))
+    assert worst[0] > worst[1] > worst[2] and worst[2] < 1e-4, worst
