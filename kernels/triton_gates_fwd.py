@@ -24,8 +24,9 @@ from .triton_chunk import _gates, _pow2, _sm_count
 
 FP_SUB = 16  # tokens per fixed-point sub-chunk (tl.dot needs >= 16; docs/math.md §4b measured its convergence)
 BT_FROZEN = 64  # most tokens per step of the frozen-gate pass
-BM_MAX = 32  # most slots per program (64 spills the reverse pass's two [D, BM] tiles at 4 warps); halved down to 16
-# while the grid has fewer programs than SMs
+# most slots per program, halved down to 16 while the grid has fewer programs than SMs; at 64 the reverse pass would
+# hold two [D, 64] float32 tiles, 128 registers a thread at 4 warps (bench/kernels_gla.py times 64 as a variant)
+BM_MAX = 32
 GATE_WARPS = 4
 
 
