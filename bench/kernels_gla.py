@@ -331,7 +331,10 @@ def main() -> None:
         limit_fla_autotuning()
     timings(report, save, broken)
     save()
-    plot(report, path.with_suffix(".png"))
+    try:
+        plot(report, path.with_suffix(".png"))
+    except ImportError:  # no matplotlib on the device image: plot() the JSON elsewhere
+        print("no PNG: matplotlib is not installed here", flush=True)
     gla = {(r["B"], r["T"]): r for r in report["timings"] if r["method"] == "fla_chunk_gla"}
     print(f"\n{'method':>17} {'BxT':>8} {'fwd ms':>8} {'f+b ms':>8} {'fwd/gla':>8} {'f+b/gla':>8} residual")
     for r in report["timings"]:

@@ -1183,9 +1183,9 @@ def chunk_lattice_triton(
 
     With ``gates="exact"`` the result does not depend on ``chunk_size`` (the kernels pick their own blocking);
     with ``gates="chunk"`` it is the frozen-gate span and must be a multiple of 16.
-    ``gate_solver``: how the forward finds the gates: ``"scan"``, the per-token sweep, or ``"fixed_point"``, the
-    matmul pass of :mod:`triton_gates_fwd` (``fixed_point_iters`` iterations of docs/math.md §4b for exact gates;
-    the frozen gates need none; ``normalize=True`` only). The backward is the same for both.
+    ``gate_solver``: ``"scan"``, the per-token sweeps forward and backward, or ``"fixed_point"``, the matmul passes
+    of :mod:`triton_gates_fwd` and :mod:`triton_gates_bwd` (``fixed_point_iters`` iterations of docs/math.md §4b
+    for exact gates, forward and adjoint; frozen gates need none; ``normalize=True`` only).
     """
     exact = gates == "exact"
     if not exact and chunk_size % BC:
