@@ -22,10 +22,10 @@ from lattice_plugin.kernels.recurrent import recurrent_lattice, recurrent_step
 
 Backend = Literal["auto", "recurrent", "torch", "triton"]
 Gates = Literal["exact", "chunk"]
-GateSolver = Literal["scan", "fixed_point"]
+GateSolver = Literal["auto", "scan", "fixed_point"]
 BACKENDS = ("auto", "recurrent", "torch", "triton")
 GATES = ("exact", "chunk")
-GATE_SOLVERS = ("scan", "fixed_point")
+GATE_SOLVERS = ("auto", "scan", "fixed_point")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -116,7 +116,7 @@ def lattice_attention(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     backend: Backend = "auto",
-    gate_solver: GateSolver = "scan",
+    gate_solver: GateSolver = "auto",
     fixed_point_iters: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Lattice token mixing over a sequence.
@@ -137,7 +137,9 @@ def lattice_attention(
         gate_solver: how the chunkwise backends find the gates: ``"scan"`` (a sequential scan over tokens) or
             ``"fixed_point"`` (matmul passes, docs/math.md §4b: ``fixed_point_iters`` iterations from the frozen
             gates on 16-token sub-chunks, exact once they converge; for ``gates="chunk"`` the same frozen gates by
-            the matmul kernel). Needs ``normalize=True``; the float64 recurrence stays the ground truth.
+            the matmul kernels). Needs ``normalize=True``; the float64 recurrence stays the ground truth.
+            ``"auto"``: the faster measured (bench/results/kernels_gla_h100.json): matmul passes for frozen gates,
+            the scan for exact ones.
         fixed_point_iters: iterations of the fixed point for ``gates="exact"``.
 
     Returns:
@@ -149,6 +151,8 @@ def lattice_attention(
         raise LatticeError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     backend = resolve_backend(backend, q.device, gates, q.dtype, chunk_size)
     _check_gate_solver(gate_solver, fixed_point_iters, backend, normalize)
+    if gate_solver == "auto":
+        gate_solver = "fixed_point" if gates == "chunk" and normalize and backend != "recurrent" else "scan"
     dtype = compute_dtype(q.dtype)
     if initial_state is None:  # the learned slots always start on the sphere (LATTICE.md §2-3)
         state = normalize_slots(s0.to(dtype)).unsqueeze(0).expand(q.shape[0], -1, -1, -1)

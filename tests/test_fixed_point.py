@@ -87,3 +87,22 @@ def test_operator_option_and_bad_settings():
     ]:
         with pytest.raises(LatticeError, match=message):
             lattice_attention(q, k, v, beta, s0, backend=options.pop("backend", "torch"), **options)
+
+
+def test_auto_solver_picks_the_matmul_passes_for_frozen_gates_only(monkeypatch):
+    """``gate_solver="auto"`` (the default) hands the Triton entry the measured faster solver."""
+    import lattice_plugin.ops as ops
+
+    seen = []
+
+    def fake_triton(*args, gates, gate_solver, **kwargs):
+        seen.append((gates, gate_solver))
+        return chunk_lattice(*args, gates=gates, chunk_size=kwargs["chunk_size"], orthogonal=kwargs["orthogonal"],
+                             normalize=kwargs["normalize"])
+
+    monkeypatch.setattr(ops, "resolve_backend", lambda *a, **k: "triton")
+    monkeypatch.setattr("lattice_plugin.kernels.triton_chunk.chunk_lattice_triton", fake_triton)
+    q, k, v, beta, s0 = (x.detach() for x in make_inputs(1, 20, 1, 1, 4, 3))
+    for gates, normalize in [("chunk", True), ("exact", True), ("chunk", False)]:
+        lattice_attention(q, k, v, beta, s0[0], gates=gates, normalize=normalize, chunk_size=16)
+    assert seen == [("chunk", "fixed_point"), ("exact", "scan"), ("chunk", "scan")]

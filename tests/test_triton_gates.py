@@ -52,6 +52,14 @@ def test_frozen_gates_float32(shape, chunk_size):
     check(compare(torch.float32, shape, gates="chunk", chunk_size=chunk_size, reference=reference), torch.float32)
 
 
+def test_frozen_gates_additive_write():
+    """``orthogonal=False`` (the additive write then retraction) through both matmul passes."""
+    reference = lambda *x: chunk_lattice(*x, chunk_size=32, gates="chunk", orthogonal=False)  # noqa: E731
+    errors = compare(torch.float32, (1, 45, 2, 1, 20, 24), gates="chunk", chunk_size=32, orthogonal=False,
+                     reference=reference)
+    check(errors, torch.float32)
+
+
 @pytest.mark.parametrize("orthogonal", [True, False])
 @pytest.mark.parametrize("shape", [(1, 21, 1, 1, 16, 16), (2, 70, 2, 1, 12, 20), (1, 17, 1, 1, 48, 80)])
 def test_converged_fixed_point_is_exact(shape, orthogonal):
