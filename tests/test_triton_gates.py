@@ -8,7 +8,7 @@ inputs every run.
 """
 
 import pytest
-from test_triton_kernels import TOL, check, random_inputs, rel_err  # switches the interpreter on first
+from test_triton_kernels import check, random_inputs, rel_err  # switches the interpreter on first
 
 import torch  # noqa: E402
 
