@@ -111,4 +111,4 @@ def test_few_iteration_gradients_converge():
         torch.manual_seed(0)  # the same output gradients for every K
         errors = compare(torch.float32, shape, gates="exact", iters=iters, reference=recurrent_lattice, inputs=inputs)
         worst.append(max(errors.values()))
-    assert worst[0] > worst[1] > worst[2] and worst[2] < 1e-4, worst
+    assert worst[0] > 1e-5 > worst[2] and worst[1] < worst[0], worst  # K=3 may already sit at float32 rounding
