@@ -63,6 +63,16 @@ def _one_chunk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk: q ``(B, H, G, L, m)``, gamma ``(B, H, L, m)``, v ``(B, H, L, d)``, state ``(B, H, d, m)``."""
     a, b = _chunk_gates(gamma, v, state, exact=exact, orthogonal=orthogonal, normalize=normalize)
+    return gated_chunk(q, a, b, v, state, normalize=normalize)
+
+
+def gated_chunk(
+    q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, v: torch.Tensor, state: torch.Tensor, *, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs and end state of one chunk whose gates ``a, b`` ``(B, H, L, m)`` are known: gated linear attention.
+
+    q ``(B, H, G, L, m)``, v ``(B, H, L, d)``, state ``(B, H, d, m)`` -> ``(o (B, H, G, L, d), new_state)``.
+    """
     # Slot i after token t is A[t, i] s_i + sum_{j <= t} b[j, i] D[t, j, i] v_j with D[t, j] = prod_{j < l <= t} a_l.
     # The products run in log space with their signs kept apart: no division by a vanishing cumulative product.
     log_A = torch.cumsum(torch.log(a.abs().clamp_min(1e-30)), dim=2)  # (B, H, L, m)

@@ -1015,7 +1015,8 @@ def _sm_count(device: torch.device) -> int:
 class _Setup:
     """Shapes and compile-time switches shared by the forward and the backward."""
 
-    def __init__(self, q, v, *, chunk_size: int, exact: bool, orthogonal: bool, normalize: bool):
+    def __init__(self, q, v, *, chunk_size: int, exact: bool, orthogonal: bool, normalize: bool,
+                 gate_solver: str = "scan", fixed_point_iters: int = 0):
         self.B, self.T, self.HQ, self.M = q.shape
         self.H, self.D = v.shape[2], v.shape[3]
         self.CS = CS_EXACT if exact else chunk_size
@@ -1031,6 +1032,7 @@ class _Setup:
         self.warps_bwd = BWD_SCAN_WARPS if sixteen_bit else SCAN_WARPS
         self.flags = dict(ORTHOGONAL=orthogonal, NORMALIZE=normalize, TRACK_NS=orthogonal and not normalize)
         self.exact = exact
+        self.gate_solver, self.fixed_point_iters = gate_solver, fixed_point_iters
 
     def read_bv(self) -> int:
         """Value columns per program of the read pass: all of them up to 128 (m <= 64), else 64."""
@@ -1044,49 +1046,70 @@ def lattice_fwd(q, k, v, beta, state, setup: _Setup):
     """Forward: ``(o, final_state, saved)`` where ``saved`` holds what the backward re-reads."""
     s = setup
     gram = _sub_gram(v, v)
-    c = s.new(s.B, s.T, s.H, s.M, like=q)
-    ns = s.new(s.B, s.T, s.H, s.M, like=q) if s.flags["TRACK_NS"] else c
-    states = s.new(s.B, s.H, s.NC, s.D, s.M, like=q)
-    final = s.new(s.B, s.H, s.D, s.M, like=q)
-    n_mb = triton.cdiv(s.M, s.bm_fwd)
-    scratch = s.new(s.B * s.H * n_mb * s.BD * s.bm_fwd, like=q) if not s.exact else c
-    _fwd_scan_kernel[(n_mb, s.B * s.H)](
-        k, v, beta, state, gram, c, ns, states, final, scratch, s.T, s.NC,
-        s.H, s.M, s.D, BC, s.CS, s.bm_fwd, s.BD, s.exact, PREC=s.prec, **s.flags, num_warps=s.warps_fwd,
-    )
+    if s.gate_solver == "fixed_point":  # the gate pass by matmuls (kernels/triton_gates_fwd.py); normalised only
+        from .triton_gates_fwd import matmul_gate_pass
+
+        c, states, final, norms, _ = matmul_gate_pass(k, v, beta, state, chunk_size=s.CS, exact=s.exact,
+                                                      iters=s.fixed_point_iters, orthogonal=s.flags["ORTHOGONAL"],
+                                                      prec=s.prec)
+        ns = c
+        extra = (norms, final)  # the matmul reverse pass re-reads them
+    else:
+        extra = ()
+        c = s.new(s.B, s.T, s.H, s.M, like=q)
+        ns = s.new(s.B, s.T, s.H, s.M, like=q) if s.flags["TRACK_NS"] else c
+        states = s.new(s.B, s.H, s.NC, s.D, s.M, like=q)
+        final = s.new(s.B, s.H, s.D, s.M, like=q)
+        n_mb = triton.cdiv(s.M, s.bm_fwd)
+        scratch = s.new(s.B * s.H * n_mb * s.BD * s.bm_fwd, like=q) if not s.exact else c
+        _fwd_scan_kernel[(n_mb, s.B * s.H)](
+            k, v, beta, state, gram, c, ns, states, final, scratch, s.T, s.NC,
+            s.H, s.M, s.D, BC, s.CS, s.bm_fwd, s.BD, s.exact, PREC=s.prec, **s.flags, num_warps=s.warps_fwd,
+        )
     o = torch.empty(s.B, s.T, s.HQ, s.D, device=q.device, dtype=q.dtype)
     bv = s.read_bv()
     _chunk_read_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.HQ)](
         q, k, v, beta, gram, c, ns, states, o, s.T, s.NC,
         s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, bv, False, False, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
     )
-    return o, final, (gram, c, ns, states)
+    return o, final, (gram, c, ns, states, *extra)
 
 
 def lattice_bwd(do, d_final, q, k, v, beta, saved, setup: _Setup):
     """Backward: ``(dq, dk, dv, dbeta, d_state)`` for the inputs of :func:`lattice_fwd`."""
     s = setup
-    gram, c, ns, states = saved
+    gram, c, ns, states, *gate_pass = saved
     hgram = _sub_gram(do, v)
-    dc = s.new(s.B, s.T, s.H, s.M, like=q)
-    dgamma = torch.empty_like(dc)
-    dvv = torch.empty_like(dc)
-    g_end = torch.empty_like(states)
-    d_init = s.new(s.B, s.H, s.D, s.M, like=q)
-    n_mb = triton.cdiv(s.M, s.bm_bwd)
-    scratch = s.new(s.B * s.H * n_mb * (s.CS // BC) * s.BD * s.bm_bwd, like=q)
-    _bwd_scan_kernel[(n_mb, s.B * s.H)](
-        q, do, k, v, beta, gram, hgram, c, ns, states, d_final if d_final is not None else dc, scratch,
-        dc, dgamma, dvv, g_end, d_init, s.T, s.NC,
-        s.HQ, s.H, s.M, s.D, BC, s.CS, s.bm_bwd, s.BD, s.exact, HAS_DFINAL=d_final is not None, PREC=s.prec,
-        **s.flags, num_warps=s.warps_bwd,
-    )
-    dq = torch.empty_like(q)
+    matmul_reverse = s.gate_solver == "fixed_point"  # the reverse pass by matmuls: kernels/triton_gates_bwd.py
+    dq = torch.empty(q.shape, device=q.device, dtype=torch.float32) if matmul_reverse else torch.empty_like(q)
     bk = min(BK_DQ, s.BK)
     _bwd_dq_kernel[(triton.cdiv(s.M, bk), s.NC, s.B * s.HQ)](
         do, k, v, beta, gram, hgram, c, ns, states, dq, s.T, s.NC,
         s.HQ, s.H, s.M, s.D, BC, s.CS, bk, s.BD, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
     )
+    if matmul_reverse:
+        from .triton_gates_bwd import matmul_reverse_pass
+
+        qdq = (q.float() * dq).view(s.B, s.T, s.H, s.HQ // s.H, s.M).sum(3)
+        dc, dgamma, dvv, g_end, d_init = matmul_reverse_pass(
+            q, do, k, v, beta, c, qdq, states, *gate_pass, d_final, chunk_size=s.CS, exact=s.exact,
+            iters=s.fixed_point_iters, orthogonal=s.flags["ORTHOGONAL"], prec=s.prec,
+        )
+        dq = dq.to(q.dtype)
+    else:
+        dc = s.new(s.B, s.T, s.H, s.M, like=q)
+        dgamma = torch.empty_like(dc)
+        dvv = torch.empty_like(dc)
+        g_end = torch.empty_like(states)
+        d_init = s.new(s.B, s.H, s.D, s.M, like=q)
+        n_mb = triton.cdiv(s.M, s.bm_bwd)
+        scratch = s.new(s.B * s.H * n_mb * (s.CS // BC) * s.BD * s.bm_bwd, like=q)
+        _bwd_scan_kernel[(n_mb, s.B * s.H)](
+            q, do, k, v, beta, gram, hgram, c, ns, states, d_final if d_final is not None else dc, scratch,
+            dc, dgamma, dvv, g_end, d_init, s.T, s.NC,
+            s.HQ, s.H, s.M, s.D, BC, s.CS, s.bm_bwd, s.BD, s.exact, HAS_DFINAL=d_final is not None, PREC=s.prec,
+            **s.flags, num_warps=s.warps_bwd,
+        )
     dv = s.new(s.B, s.T, s.H, s.D, like=q)
     bv = s.read_bv()
     _chunk_read_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.H)](
@@ -1118,11 +1141,12 @@ class LatticeChunkFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, state, chunk_size, exact, orthogonal, normalize):
+    def forward(ctx, q, k, v, beta, state, chunk_size, exact, orthogonal, normalize, gate_solver, fixed_point_iters):
         T = q.shape[1]
         pad = -T % BC
         q, k, v, beta = (_pad_tokens(x, pad) for x in (q, k, v, beta))
-        setup = _Setup(q, v, chunk_size=chunk_size, exact=exact, orthogonal=orthogonal, normalize=normalize)
+        setup = _Setup(q, v, chunk_size=chunk_size, exact=exact, orthogonal=orthogonal, normalize=normalize,
+                       gate_solver=gate_solver, fixed_point_iters=fixed_point_iters)
         o, final, saved = lattice_fwd(q, k, v, beta, state, setup)
         ctx.setup = setup
         ctx.pad = pad
@@ -1138,7 +1162,7 @@ class LatticeChunkFunction(torch.autograd.Function):
         )
         T = q.shape[1] - ctx.pad
         dq, dk, dv, dbeta = (x[:, :T] for x in (dq, dk, dv, dbeta))
-        return dq, dk, dv, dbeta, d_state, None, None, None, None
+        return dq, dk, dv, dbeta, d_state, None, None, None, None, None, None
 
 
 def chunk_lattice_triton(
@@ -1152,16 +1176,23 @@ def chunk_lattice_triton(
     gates: str = "exact",
     orthogonal: bool = True,
     normalize: bool = True,
+    gate_solver: str = "scan",
+    fixed_point_iters: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``chunk.chunk_lattice`` with a float32 ``state``: ``(o in q.dtype, final_state float32)``.
 
     With ``gates="exact"`` the result does not depend on ``chunk_size`` (the kernels pick their own blocking);
     with ``gates="chunk"`` it is the frozen-gate span and must be a multiple of 16.
+    ``gate_solver``: ``"scan"``, the per-token sweeps forward and backward, or ``"fixed_point"``, the matmul passes
+    of :mod:`triton_gates_fwd` and :mod:`triton_gates_bwd` (``fixed_point_iters`` iterations of docs/math.md §4b
+    for exact gates, forward and adjoint; frozen gates need none; ``normalize=True`` only).
     """
     exact = gates == "exact"
     if not exact and chunk_size % BC:
         raise ValueError(f"the Triton backend needs chunk_size to be a multiple of {BC} for gates='chunk'")
+    if gate_solver == "fixed_point" and not normalize:
+        raise ValueError("gate_solver='fixed_point' needs normalize=True (positive forget gates)")
     return LatticeChunkFunction.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), state.contiguous().float(),
-        chunk_size, exact, orthogonal, normalize,
+        chunk_size, exact, orthogonal, normalize, gate_solver, fixed_point_iters,
     )

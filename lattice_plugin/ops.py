@@ -14,9 +14,10 @@ import torch
 
 from lattice_plugin.errors import LatticeError
 from lattice_plugin.kernels.chunk import chunk_lattice
+from lattice_plugin.kernels.fixed_point import fixed_point_lattice
 from lattice_plugin.kernels.gates import normalize_slots
 from lattice_plugin.kernels.recurrent import recurrent_lattice, recurrent_step
-from lattice_plugin.vocab import BACKENDS, GATE_MODES, Backend, GateMode, one_of
+from lattice_plugin.vocab import BACKENDS, GATE_MODES, GATE_SOLVERS, Backend, GateMode, GateSolver, one_of
 
 
 
@@ -81,6 +82,18 @@ def _check_shapes(q, k, v, beta, s0, initial_state) -> None:
         )
 
 
+def _check_gate_solver(gate_solver: str, iters: int, backend: str, normalize: bool) -> None:
+    if gate_solver not in GATE_SOLVERS:
+        raise LatticeError(f"unknown gate_solver {gate_solver!r}; choose {one_of(GATE_SOLVERS)}")
+    if gate_solver == "fixed_point":
+        if backend == "recurrent":
+            raise LatticeError("gate_solver='fixed_point' needs a chunked backend ('torch' or 'triton')")
+        if not normalize:
+            raise LatticeError("gate_solver='fixed_point' needs normalize=True (its log-gates need positive gates)")
+        if not isinstance(iters, int) or iters < 0:
+            raise LatticeError(f"fixed_point_iters must be a non-negative integer, got {iters!r}")
+
+
 @torch.compiler.disable
 def lattice_attention(
     q: torch.Tensor,
@@ -96,6 +109,8 @@ def lattice_attention(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     backend: Backend = "auto",
+    gate_solver: GateSolver = "auto",
+    fixed_point_iters: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Lattice token mixing over a sequence.
 
@@ -112,6 +127,13 @@ def lattice_attention(
         initial_state: ``(B, Hkv, d, m)`` state to continue from instead of ``s0``.
         output_final_state: also return the state after the last token.
         backend: see the module docstring.
+        gate_solver: how the chunkwise backends find the gates: ``"scan"`` (a sequential scan over tokens) or
+            ``"fixed_point"`` (matmul passes, docs/math.md §4b: ``fixed_point_iters`` iterations from the frozen
+            gates on 16-token sub-chunks, exact once they converge; for ``gates="chunk"`` the same frozen gates by
+            the matmul kernels). Needs ``normalize=True``; the float64 recurrence stays the ground truth.
+            ``"auto"``: the faster measured (bench/results/kernels_gla_h100.json): matmul passes for frozen gates,
+            the scan for exact ones.
+        fixed_point_iters: iterations of the fixed point for ``gates="exact"``.
 
     Returns:
         ``(o, final_state)``: ``o`` is ``(B, T, Hq, d)`` in the dtype of ``q``; ``final_state`` is ``(B, Hkv, d, m)``
@@ -121,6 +143,9 @@ def lattice_attention(
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise LatticeError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     backend = resolve_backend(backend, q.device, gates, q.dtype, chunk_size)
+    _check_gate_solver(gate_solver, fixed_point_iters, backend, normalize)
+    if gate_solver == "auto":
+        gate_solver = "fixed_point" if gates == "chunk" and normalize and backend != "recurrent" else "scan"
     dtype = compute_dtype(q.dtype)
     if initial_state is None:  # the learned slots always start on the sphere (docs/math.md §2-3)
         state = normalize_slots(s0.to(dtype)).unsqueeze(0).expand(q.shape[0], -1, -1, -1)
@@ -129,12 +154,15 @@ def lattice_attention(
     flags = dict(orthogonal=orthogonal, normalize=normalize)
     if backend == "recurrent":
         o, final_state = recurrent_lattice(q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), state, **flags)
+    elif backend == "torch" and gate_solver == "fixed_point" and gates == "exact":
+        o, final_state, _ = fixed_point_lattice(q, k, v, beta, state, iters=fixed_point_iters, orthogonal=orthogonal)
     elif backend == "torch":
         o, final_state = chunk_lattice(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags)
     else:
         from lattice_plugin.kernels.triton_chunk import chunk_lattice_triton
 
-        o, final_state = chunk_lattice_triton(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags)
+        o, final_state = chunk_lattice_triton(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags,
+                                              gate_solver=gate_solver, fixed_point_iters=fixed_point_iters)
     return o.to(q.dtype), (final_state if output_final_state else None)
 
 

@@ -9,10 +9,12 @@ from typing import Literal, get_args
 Backend = Literal["auto", "recurrent", "torch", "triton"]
 GateMode = Literal["exact", "chunk"]
 FeatureMap = Literal["softmax", "sigmoid", "tanh", "l2"]
+GateSolver = Literal["auto", "scan", "fixed_point"]
 
 BACKENDS: tuple[str, ...] = get_args(Backend)
 GATE_MODES: tuple[str, ...] = get_args(GateMode)
 FEATURE_MAPS: tuple[str, ...] = get_args(FeatureMap)
+GATE_SOLVERS: tuple[str, ...] = get_args(GateSolver)
 
 
 def one_of(choices: tuple[str, ...]) -> str:

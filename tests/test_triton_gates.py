@@ -1,0 +1,114 @@
+"""The matmul gate passes (kernels/triton_gates_fwd.py and triton_gates_bwd.py) on the CPU through Triton's
+interpreter.
+
+Frozen chunk gates against the float64 chunkwise reference, converged fixed-point gates against the float64
+token-by-token recurrence (values and every gradient), few iterations against the plain-PyTorch fixed point (values
+and residual) and against the recurrence (gradients converge with the iterations). Awkward shapes, fresh random
+inputs every run.
+"""
+
+import pytest
+from test_triton_kernels import check, random_inputs, rel_err  # switches the interpreter on first
+
+import torch  # noqa: E402
+
+from lattice_plugin.kernels.chunk import chunk_lattice  # noqa: E402
+from lattice_plugin.kernels.fixed_point import fixed_point_lattice  # noqa: E402
+from lattice_plugin.kernels.gates import normalize_slots  # noqa: E402
+from lattice_plugin.kernels.recurrent import recurrent_lattice  # noqa: E402
+from lattice_plugin.kernels.triton_chunk import chunk_lattice_triton  # noqa: E402
+from lattice_plugin.kernels.triton_gates_fwd import matmul_gate_pass  # noqa: E402
+
+
+def compare(dtype, shape, *, gates, reference, chunk_size=64, iters=16, orthogonal=True, inputs=None):
+    """Relative errors of outputs, final state and every gradient against a float64 ``reference(q, k, v, beta, s)``."""
+    q, k, v, beta, s0 = inputs if inputs is not None else random_inputs(*shape, per_batch_state=True)
+    ins = [x.detach().to(dtype, copy=True).requires_grad_() for x in (q, k, v, beta)]
+    s_leaf = s0.clone().requires_grad_()
+    o, final = chunk_lattice_triton(*ins, normalize_slots(s_leaf), chunk_size=chunk_size, gates=gates,
+                                    orthogonal=orthogonal, gate_solver="fixed_point", fixed_point_iters=iters)
+    d_o, d_final = torch.randn(o.shape), torch.randn(final.shape)
+    ((o.float() * d_o).sum() + (final * d_final).sum()).backward()
+    refs = [x.detach().double().requires_grad_() for x in ins]
+    s_ref = s0.double().requires_grad_()
+    ro, rf, *_ = reference(*refs, normalize_slots(s_ref))
+    ((ro * d_o.double()).sum() + (rf * d_final.double()).sum()).backward()
+    errors = {"o": rel_err(o, ro), "final": rel_err(final, rf), "s0": rel_err(s_leaf.grad, s_ref.grad)}
+    errors.update({f"d{n}": rel_err(x.grad, r.grad) for n, x, r in zip(("q", "k", "v", "beta"), ins, refs)})
+    return errors
+
+
+@pytest.mark.parametrize(
+    "shape,chunk_size",
+    [
+        ((1, 50, 2, 1, 16, 16), 32),  # one step per chunk, ragged end
+        ((1, 50, 2, 1, 20, 24), 48),  # 16-token steps reading the carried chunk-start state
+        ((2, 100, 4, 2, 12, 40), 64),  # 64-token steps, masked tail tokens, GQA
+        ((1, 150, 1, 1, 48, 80), 128),  # steps shorter than the chunk, m=48, d=80
+    ],
+)
+def test_frozen_gates_float32(shape, chunk_size):
+    reference = lambda *x: chunk_lattice(*x, chunk_size=chunk_size, gates="chunk")  # noqa: E731
+    check(compare(torch.float32, shape, gates="chunk", chunk_size=chunk_size, reference=reference), torch.float32)
+
+
+def test_frozen_gates_additive_write():
+    """``orthogonal=False`` (the additive write then retraction) through both matmul passes."""
+    reference = lambda *x: chunk_lattice(*x, chunk_size=32, gates="chunk", orthogonal=False)  # noqa: E731
+    errors = compare(torch.float32, (1, 45, 2, 1, 20, 24), gates="chunk", chunk_size=32, orthogonal=False,
+                     reference=reference)
+    check(errors, torch.float32)
+
+
+@pytest.mark.parametrize("orthogonal", [True, False])
+@pytest.mark.parametrize("shape", [(1, 21, 1, 1, 16, 16), (2, 70, 2, 1, 12, 20), (1, 17, 1, 1, 48, 80)])
+def test_converged_fixed_point_is_exact(shape, orthogonal):
+    """16 iterations on 16-token sub-chunks are exact (the map is causal): the recurrence itself is the reference."""
+    reference = lambda *x: recurrent_lattice(*x, orthogonal=orthogonal)  # noqa: E731
+    errors = compare(torch.float32, shape, gates="exact", orthogonal=orthogonal, reference=reference)
+    check(errors, torch.float32)
+
+
+@pytest.mark.parametrize("gates", ["exact", "chunk"])
+def test_bfloat16(gates):
+    shape = (1, 33, 2, 1, 20, 24)
+    if gates == "exact":
+        reference = recurrent_lattice
+    else:
+        reference = lambda *x: chunk_lattice(*x, chunk_size=32, gates="chunk")  # noqa: E731
+    check(compare(torch.bfloat16, shape, gates=gates, chunk_size=32, reference=reference), torch.bfloat16)
+
+
+@pytest.mark.parametrize("iters", [1, 2, 3])
+def test_few_iterations_match_the_reference_and_its_residual(iters):
+    """The kernel's c^(K) (so its outputs and final state) and residual are the plain-PyTorch fixed point's."""
+    B, T, Hq, H, m, d = 1, 45, 2, 1, 20, 24
+    q, k, v, beta, s0 = random_inputs(B, T, Hq, H, m, d, per_batch_state=True)
+    k = torch.softmax(4 * k, dim=-1)
+    state = normalize_slots(s0)
+    o, final = chunk_lattice_triton(q, k, v, beta, state, gate_solver="fixed_point", fixed_point_iters=iters)
+    ro, rf, res_ref = fixed_point_lattice(*(x.double() for x in (q, k, v, beta, state)), iters=iters)
+    pad = -T % 16
+    padded = [torch.cat([x, x.new_zeros(B, pad, *x.shape[2:])], dim=1) for x in (k, v, beta)]
+    *_, res = matmul_gate_pass(*padded, state, chunk_size=64, exact=True, iters=iters, orthogonal=True, prec="ieee")
+    assert rel_err(o, ro) < 1e-5 and rel_err(final, rf) < 1e-5
+    assert res_ref > 1e-7 and abs(res.item() - res_ref.item()) <= 1e-3 * res_ref.item() + 1e-7, (res, res_ref)
+
+
+def test_rejects_unnormalised_slots():
+    q, k, v, beta, s0 = random_inputs(1, 4, 1, 1, 16, 16, per_batch_state=True)
+    with pytest.raises(ValueError, match="normalize=True"):
+        chunk_lattice_triton(q, k, v, beta, s0, normalize=False, gate_solver="fixed_point")
+
+
+def test_few_iteration_gradients_converge():
+    """The truncated adjoint (K + 1 evaluations) approaches the exact gradients as K grows."""
+    shape = (1, 40, 2, 1, 20, 24)
+    q, k, v, beta, s0 = random_inputs(*shape, per_batch_state=True)
+    inputs = (q, torch.softmax(4 * k, dim=-1), v, beta, s0)
+    worst = []
+    for iters in (1, 3, 6):
+        torch.manual_seed(0)  # the same output gradients for every K
+        errors = compare(torch.float32, shape, gates="exact", iters=iters, reference=recurrent_lattice, inputs=inputs)
+        worst.append(max(errors.values()))
+    assert worst[0] > 1e-5 > worst[2] and worst[1] < worst[0], worst  # K=3 may already sit at float32 rounding
