@@ -27,6 +27,7 @@ SCRIPT_CLASSES = {
     "litgpt.finetune.full": _PLAIN,
     "litgpt.generate.base": _PLAIN,
     "litgpt.chat.base": _PLAIN,
+    "litgpt.api": _PLAIN,
     "litgpt.finetune.lora": _LORA,
     "litgpt.scripts.merge_lora": _LORA,
 }
@@ -37,6 +38,8 @@ _litgpt_check_valid_checkpoint_dir = None
 def check_valid_checkpoint_dir(checkpoint_dir: Path, model_filename: str = "lit_model.pth", **kwargs: Any) -> None:
     """litgpt's check, accepting ``model.safetensors`` where ``lit_model.pth`` is expected."""
     checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir() and not kwargs.get("raise_error"):  # raise_error: litgpt may download it instead
+        raise LatticeError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
     if model_filename == "lit_model.pth" and not (checkpoint_dir / model_filename).is_file():
         if (checkpoint_dir / "model.safetensors").is_file():
             model_filename = "model.safetensors"
@@ -135,6 +138,19 @@ def patch_litgpt() -> None:
         sys.modules["litgpt.__main__"].PARSER_DATA["merge_lora"] = merge_lora
     pretrain = importlib.import_module("litgpt.pretrain")
     pretrain.setup.__annotations__["model_config"] = Optional[LatticeConfig]
+    _patch_decode_loop()
+
+
+def _patch_decode_loop() -> None:
+    """THE patch point of fast generation: ``litgpt.generate.base.generate_fn`` is where litgpt's generate, chat
+    (``litgpt.chat.base.generate`` imports it at call time) and Python API (``LLM.generate``, streaming or not)
+    find their decode loop; Lattice models then decode through :mod:`lattice_plugin.generation`."""
+    from lattice_plugin import generation
+
+    generate_base = importlib.import_module("litgpt.generate.base")
+    if generate_base.generate_fn is not generation.generate_fn:
+        generation.LITGPT_GENERATE_FN = generate_base.generate_fn
+        generate_base.generate_fn = generation.generate_fn
 
 
 def is_patched() -> bool:
