@@ -184,3 +184,25 @@ def test_litgpt_python_api_generates_through_the_fast_loop(checkpoints, monkeypa
     text = llm.generate("The", max_new_tokens=40, top_k=1)
     streamed = "".join(llm.generate("The", max_new_tokens=40, top_k=1, stream=True))
     assert isinstance(generation.unwrap(llm.model), LatticeGPT) and len(calls) == 2 and text == streamed
+
+
+def test_generation_benchmark_runs_every_comparator_and_reports_skips(tmp_path):
+    """The benchmark's logic on a tiny shape on the CPU (its numbers mean nothing here; the GPU run is the one)."""
+    import json
+
+    from lattice_plugin.bench_generation import BUILTIN_134M, run_generation_bench
+
+    fields = {**BUILTIN_134M, **dict(block_size=100, vocab_size=500, padded_vocab_size=512, n_layer=4, n_embd=32,
+                                     n_head=4, n_query_groups=4, head_size=8, intermediate_size=64, lattice_slots=6)}
+    run_generation_bench(tmp_path, fields=fields, batches=(1, 2), contexts=(20, 120), steps=2, warmup=1,
+                         dtype=torch.float32)
+    results = json.loads((tmp_path / "generation.json").read_text())
+    measured = {(r["method"], r["batch"], r["context"]) for r in results["decode"]}
+    assert {("lattice_graph", 1, 120), ("attention_litgpt", 2, 20), ("hybrid_graph", 2, 20),
+            ("lattice_graph_unfused", 1, 20), ("lattice_litgpt_loop", 1, 20)} <= measured
+    assert {(s["method"], s["batch"], s["context"]) for s in results["skipped"] if "method" in s} == {
+        (m, b, 120) for m in ("attention_litgpt", "attention_graph", "hybrid_graph") for b in (1, 2)}
+    assert all("block size 100" in s["reason"] for s in results["skipped"])
+    assert results["cache_bytes"]["lattice"]["1x20"] == results["cache_bytes"]["lattice"]["1x120"]
+    assert results["targets"]["lattice ms per token max/min over contexts, B=1 (target <= 1.10)"] is not None
+    assert (tmp_path / "generation.png").stat().st_size > 0
