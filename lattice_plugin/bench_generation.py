@@ -375,13 +375,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
                title=f"decode, batch {batch}")
         ax.legend(fontsize=7)
     ax = axes[-1]
-    for kind in KINDS:
-        rows = sorted((r for r in results["prefill"] if r["kind"] == kind), key=lambda r: (r["batch"], r["context"]))
-        if rows:
-            ax.plot([f"{r['batch']}x{r['context'] // 1024}k" for r in rows], [r["ms"] for r in rows], marker="o",
-                    label=kind)
-    ax.set(yscale="log", xlabel="batch x prompt", ylabel="prefill ms", title="prefill")
-    ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    shapes = sorted({(r["context"], r["batch"]) for r in results["prefill"]})
+    for offset, kind in enumerate(KINDS):
+        times = {(r["context"], r["batch"]): r["ms"] for r in results["prefill"] if r["kind"] == kind}
+        ax.bar([i + 0.27 * (offset - 1) for i, shape in enumerate(shapes) if shape in times],
+               [times[shape] for shape in shapes if shape in times], width=0.27, label=kind)
+    ax.set_xticks(range(len(shapes)), [f"{b} x {c}" for c, b in shapes], rotation=45, fontsize=7)
+    ax.set(yscale="log", xlabel="batch x prompt tokens", ylabel="prefill ms", title="prefill")
     ax.legend(fontsize=7)
     fig.suptitle(f"{results['device']}, {results['model'].get('name')}, {results['dtype']}", fontsize=9)
     fig.tight_layout()
