@@ -228,9 +228,9 @@ def run_generation_bench(
             if kind != "lattice" and length > fields["block_size"]:
                 run.skip(what, f"beyond the attention layers' block size {fields['block_size']}")
                 continue
-            if memory_needed(fields, kind, batch, length, dtype) > budget:
-                run.skip(what, f"caches + litgpt's mask need {memory_needed(fields, kind, batch, length, dtype) / 2**30:.0f} "
-                               f"GiB, over {budget / 2**30:.0f} GiB free")
+            needed = memory_needed(fields, kind, batch, length, dtype)
+            if needed > budget:
+                run.skip(what, f"caches + litgpt's mask: {needed / 2**30:.0f} GiB, over {budget / 2**30:.0f} GiB free")
                 continue
             try:
                 ms = _time_decode(models[kind], method, batch, length, context, steps, warmup, device, Decoder,
@@ -255,7 +255,7 @@ def run_generation_bench(
             elif kind != "lattice" and context > fields["block_size"]:
                 run.skip(what, f"beyond the attention layers' block size {fields['block_size']}")
             elif kind != "lattice" and context > ATTENTION_PREFILL_CONTEXT:
-                run.skip(what, f"quadratic prefill with litgpt's explicit mask beyond {ATTENTION_PREFILL_CONTEXT} tokens")
+                run.skip(what, f"quadratic prefill (litgpt's explicit mask) past {ATTENTION_PREFILL_CONTEXT} tokens")
             else:
                 try:
                     ms = _time_prefill(models[kind], batch, context, device, Decoder)

@@ -1,4 +1,5 @@
-"""The fixed-slot cache of a Lattice layer (docs/math.md §5): one ``(B, Hkv, d, m)`` float32 state, whatever the length.
+"""The fixed-slot cache of a Lattice layer (docs/math.md §5): one ``(B, Hkv, d, m)`` float32 state, whatever the
+length.
 
 It takes the place of litgpt's ``KVCache`` in ``block.attn.kv_cache``. Positions are Python integers checked before a
 forward runs (:meth:`LatticeCache.begin`, called by :meth:`LatticeGPT.begin_positions` once per forward), never read

@@ -201,7 +201,7 @@ def generate_fn(
     module = unwrap(model)
     prompt_size = prompt.size(0)
     if max_returned_tokens <= prompt_size:
-        raise LatticeError(f"no room to generate: {max_returned_tokens} tokens requested for a {prompt_size}-token prompt")
+        raise LatticeError(f"no room to generate: {max_returned_tokens} tokens in all for a {prompt_size}-token prompt")
     if module.max_seq_length < max_returned_tokens - 1 and module.all_lattice:
         module.max_seq_length = max_returned_tokens  # no length limit: only the RoPE tables grow
     if module.max_seq_length < max_returned_tokens - 1:

@@ -164,7 +164,9 @@ class LatticeMixer(CausalSelfAttention):
             )
         return options
 
-    def _forward_with_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    def _forward_with_cache(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor
+    ) -> torch.Tensor:
         """Prefill (many tokens) or decode (one token) through the fixed-slot state (docs/math.md §5); the positions
         were checked by :meth:`LatticeCache.begin` before the forward."""
         if not isinstance(self.kv_cache, LatticeCache):

@@ -179,7 +179,8 @@ def test_litgpt_python_api_generates_through_the_fast_loop(checkpoints, monkeypa
     from litgpt.api import LLM
 
     calls = []
-    monkeypatch.setattr(Decoder, "prefill", lambda self, idx, _orig=Decoder.prefill: calls.append(1) or _orig(self, idx))
+    prefill = Decoder.prefill
+    monkeypatch.setattr(Decoder, "prefill", lambda self, idx: calls.append(1) or prefill(self, idx))
     llm = LLM.load(str(checkpoints["lattice"]))
     text = llm.generate("The", max_new_tokens=40, top_k=1)
     streamed = "".join(llm.generate("The", max_new_tokens=40, top_k=1, stream=True))
