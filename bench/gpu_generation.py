@@ -80,7 +80,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
     print(f"device: {device_name}, torch {torch.__version__}", flush=True)
     checks = []
-    for kind in ("lattice", "hybrid"):
+    for kind in ("lattice", "hybrid") if not os.environ.get("GEN_SKIP_CHECKS") else ():
         for dtype in (torch.bfloat16, torch.float32):
             try:
                 checks.append(check(kind, dtype))
@@ -97,7 +97,10 @@ def main() -> None:
         remaining = BUDGET_S - (time.monotonic() - START)
         tiny = dict(fields={**BUILTIN_134M, **TINY},
                     contexts=(40, 200), steps=3) if os.environ.get("GEN_TINY") else {}
-        results = run_generation_bench(OUT, time_budget_s=remaining - 25, name="generation", **tiny)
+        shapes = {key: tuple(int(x) for x in os.environ[f"GEN_{key.upper()}"].split(","))
+                  for key in ("batches", "contexts") if os.environ.get(f"GEN_{key.upper()}")}
+        reserve = float(os.environ.get("GEN_RESERVE_S", "25"))  # for the plot and the table
+        results = run_generation_bench(OUT, time_budget_s=remaining - reserve, name="generation", **{**shapes, **tiny})
     except Exception:  # noqa: BLE001
         traceback.print_exc()
     print("\n== correctness (relative error of logits, pass within tolerance)")

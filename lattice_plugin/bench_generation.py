@@ -302,6 +302,7 @@ def _prepare(model: torch.nn.Module, method: str, batch: int, length: int, conte
     return decoder_step(decoder)
 
 
+@torch.inference_mode()
 def _time_decode(model, method, batch, length, context, steps, warmup, device, decoder_class, mixer_class) -> float:
     mixer_class.fused_decode = not method.endswith("unfused")
     try:
@@ -312,6 +313,7 @@ def _time_decode(model, method, batch, length, context, steps, warmup, device, d
         mixer_class.fused_decode = True
 
 
+@torch.inference_mode()
 def _profile(model, method, batch, context, warmup, device, decoder_class) -> dict[str, Any]:
     step = _prepare(model, method, batch, context + warmup + 12, context, device, decoder_class)
     token = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -320,6 +322,7 @@ def _profile(model, method, batch, context, warmup, device, decoder_class) -> di
     return kernel_table(step, token)
 
 
+@torch.inference_mode()
 def _time_prefill(model, batch: int, context: int, device: torch.device, decoder_class: type) -> float:
     model.max_seq_length = context
     model.set_kv_cache(batch_size=batch, max_seq_length=context, device=device, dtype=model.lm_head.weight.dtype)

@@ -51,7 +51,8 @@ def _warn_once(message: str) -> None:
 
 
 class Decoder:
-    """Prefill and decode a batch through a model's caches (``model.set_kv_cache(batch_size)`` comes first).
+    """Prefill and decode a batch through a model's caches (``model.set_kv_cache(batch_size)`` comes first), always
+    without autograd (a cache written under autograd would chain every step's graph to the next).
 
     The logits returned by :meth:`step` live in a static buffer that the next step overwrites: sample from them
     before calling it again.
@@ -82,6 +83,7 @@ class Decoder:
         mask = getattr(self.model, "mask_cache", None)
         return tuple(t.data_ptr() for t in tensors) + ((mask.data_ptr(),) if mask is not None else ())
 
+    @torch.inference_mode()
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         """Run a new prompt ``(B, T)`` from position 0; returns the logits of its last position ``(B, vocab)``."""
         length = idx.shape[1]
@@ -102,6 +104,7 @@ class Decoder:
                 block.attn.kv_cache.seek(position)
         self.position = position
 
+    @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence (``(B,)`` or ``(B, 1)``) at the next position; returns logits ``(B, vocab)``."""
         start = self.position

@@ -207,3 +207,15 @@ def test_generation_benchmark_runs_every_comparator_and_reports_skips(tmp_path):
     assert results["cache_bytes"]["lattice"]["1x20"] == results["cache_bytes"]["lattice"]["1x120"]
     assert results["targets"]["lattice ms per token max/min over contexts, B=1 (target <= 1.10)"] is not None
     assert (tmp_path / "generation.png").stat().st_size > 0
+
+
+def test_decoding_never_records_autograd():
+    """A cache written under autograd would chain every step's graph to the next (memory grows per token)."""
+    model = tiny_model("attention_every:2", block_size=128)
+    model.set_kv_cache(batch_size=1)
+    decoder = Decoder(model, batch_size=1)
+    logits = decoder.prefill(torch.randint(0, 512, (1, 9)))
+    logits = decoder.step(logits.argmax(-1))
+    caches = [block.attn.kv_cache for block in model.transformer.h]
+    assert not logits.requires_grad
+    assert not any(t.requires_grad for cache in caches for t in cache.buffers())
