@@ -135,6 +135,7 @@ def decoder_step(decoder: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def kernel_table(step: Callable[[torch.Tensor], torch.Tensor], token: torch.Tensor, iters: int = 10) -> dict[str, Any]:
     """Device time per decode step by kernel (torch.profiler), largest first."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -142,9 +143,9 @@ def kernel_table(step: Callable[[torch.Tensor], torch.Tensor], token: torch.Tens
             token = step(token)
         torch.cuda.synchronize()
     kernels = {}
-    for event in prof.key_averages():
+    for event in prof.key_averages():  # kernels only (operators report their kernels' time again)
         device_us = getattr(event, "self_device_time_total", 0)
-        if device_us > 0:
+        if event.device_type == DeviceType.CUDA and device_us > 0:
             kernels[event.key[:90]] = round(device_us / iters, 2)
     kernels = dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
     return dict(device_us_per_step=round(sum(kernels.values()), 1), kernels_us=dict(list(kernels.items())[:20]))
@@ -247,6 +248,21 @@ def run_generation_bench(
                   flush=True)
             results["targets"] = targets(results["decode"], contexts)
             run.save()
+    if profile and cuda:
+        for method, kind, batch, context in [("lattice_eager", "lattice", 1, contexts[0]),
+                                             ("lattice_graph", "lattice", 1, contexts[0]),
+                                             ("attention_litgpt", "attention", 1, contexts[0]),
+                                             ("lattice_eager", "lattice", 64, 8192)]:
+            if run.over_time():
+                break
+            try:
+                results["profiles"][f"{method} B={batch} ctx={context}"] = _profile(
+                    models[kind], method, batch, context, warmup, device, Decoder)
+            except Exception as error:  # noqa: BLE001 (a profile is diagnosis: report and go on)
+                results["profiles"][f"{method} B={batch} ctx={context}"] = {"error": str(error)[:300]}
+            finally:
+                models[kind].clear_kv_cache()
+            run.save()
     for batch, context in [(b, c) for c in contexts for b in batches if b * c <= PREFILL_TOKENS]:
         for kind in KINDS:
             what = dict(kind=kind, batch=batch, context=context)
@@ -268,21 +284,6 @@ def run_generation_bench(
                     if cuda:
                         torch.cuda.empty_cache()
                 run.save()
-    if profile and cuda:
-        for method, kind, batch, context in [("lattice_eager", "lattice", 1, contexts[0]),
-                                             ("lattice_graph", "lattice", 1, contexts[0]),
-                                             ("attention_litgpt", "attention", 1, contexts[0]),
-                                             ("lattice_eager", "lattice", 64, 8192)]:
-            if run.over_time():
-                break
-            try:
-                results["profiles"][f"{method} B={batch} ctx={context}"] = _profile(
-                    models[kind], method, batch, context, warmup, device, Decoder)
-            except Exception as error:  # noqa: BLE001 (a profile is diagnosis: report and go on)
-                results["profiles"][f"{method} B={batch} ctx={context}"] = {"error": str(error)[:300]}
-            finally:
-                models[kind].clear_kv_cache()
-            run.save()
     plot(results, out_dir / f"{name}.png")
     return results
 
