@@ -309,7 +309,7 @@ class LatticeGPT(GPT):
         if not self.all_lattice:
             raise LatticeError(
                 f"{value} tokens (prompt + new tokens) exceed the block size {self.config.block_size} that the "
-                "attention layers of this hybrid model can attend to"
+                "attention layers of this model can attend to"
             )
         self._max_seq_length = value
         if not hasattr(self, "cos"):
