@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from litgpt.model import GPT, Block, CausalSelfAttention, apply_rope, apply_rope_interleave
 from typing_extensions import Self
 
-from lattice_plugin.cache import LatticeCache
+from lattice_plugin.cache import LatticeCache, first_position
 from lattice_plugin.config import LatticeConfig
-from lattice_plugin.ops import lattice_attention, lattice_step
+from lattice_plugin.errors import LatticeError
+from lattice_plugin.ops import lattice_attention, lattice_step, triton_available
 
 # the code non-linearities, one per name of lattice_plugin.vocab.FEATURE_MAPS
 CODE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -114,6 +115,8 @@ class LatticeMixer(CausalSelfAttention):
         input_pos_maxp1: int | None = None,
     ) -> torch.Tensor:
         """Same contract as litgpt's attention; ``mask`` and ``input_pos_maxp1`` are not needed (causal by design)."""
+        if input_pos is not None and self._can_fuse_step(x):
+            return self._fused_step(x, cos, sin)
         config = self.config
         B, T, _ = x.shape
         q, k, v = self._project(x, cos, sin)
@@ -125,7 +128,7 @@ class LatticeMixer(CausalSelfAttention):
         if input_pos is None:
             o, _ = lattice_attention(q, k, v, beta, self.initial_slots.weight, **self._op_options(chunked=True))
         else:
-            o = self._forward_with_cache(q, k, v, beta, input_pos)
+            o = self._forward_with_cache(q, k, v, beta)
         o = self.out_norm(o.to(x.dtype))
         if self.out_gate is not None:
             o = o * torch.sigmoid(self.out_gate(x)).view_as(o)
@@ -163,12 +166,13 @@ class LatticeMixer(CausalSelfAttention):
         return options
 
     def _forward_with_cache(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, input_pos: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor
     ) -> torch.Tensor:
-        """Prefill (many tokens) or decode (one token) through the fixed-slot state."""
+        """Prefill (many tokens) or decode (one token) through the fixed-slot state (docs/math.md §5); the positions
+        were checked by :meth:`LatticeCache.begin` before the forward."""
         if not isinstance(self.kv_cache, LatticeCache):
             raise TypeError("You need to call `gpt.set_kv_cache()`")
-        state, end_position = self.kv_cache.begin(input_pos, q.shape[0])
+        state = self.kv_cache.state_to_continue(q.shape[0])
         if state is not None and q.shape[1] == 1:
             o, state = lattice_step(
                 q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, inplace=True, **self._op_options(chunked=False)
@@ -185,8 +189,53 @@ class LatticeMixer(CausalSelfAttention):
                 output_final_state=True,
                 **self._op_options(chunked=True),
             )
-        self.kv_cache.commit(state, end_position)
+        self.kv_cache.commit(state)
         return o
+
+    fused_decode: bool = True
+    """Whether a decode step on CUDA runs the layer's per-token work in one Triton kernel (benchmarks switch it)."""
+
+    def _can_fuse_step(self, x: torch.Tensor) -> bool:
+        """Whether this forward is a decode step :func:`lattice_decode_layer_triton` can run (one token continuing
+        the state, on CUDA, no gradient, a layout the kernel knows: no q/k norms, RoPE on half-split pairs)."""
+        config = self.config
+        cache = self.kv_cache
+        return (
+            self.fused_decode
+            and x.shape[1] == 1
+            and x.is_cuda
+            and isinstance(cache, LatticeCache)
+            and cache.continuing
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and not config.norm_qk
+            and not config.rope_interleave
+            and config.rope_n_elem % 2 == 0
+            and triton_available()
+        )
+
+    def _fused_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: the qkv and beta matmuls, then everything up to the output projection in one
+        kernel (RoPE, code and feature maps, value normalisation, beta, state update and read, output norm)."""
+        from lattice_plugin.kernels.triton_step import lattice_decode_layer_triton
+
+        config = self.config
+        B = x.shape[0]
+        o = lattice_decode_layer_triton(
+            self.qkv(x).view(B, -1),
+            self.beta_proj(x).view(B, -1),
+            cos.reshape(cos.shape[0], -1) if config.lattice_rope else None,
+            sin.reshape(sin.shape[0], -1) if config.lattice_rope else None,
+            self.q_code.weight,
+            self.k_code.weight,
+            self.out_norm.weight,
+            self.kv_cache.state[:B],
+            feature_map=config.lattice_feature_map,
+            eps=self.out_norm.eps,
+            **self._op_options(chunked=False),
+        )
+        if self.out_gate is not None:
+            o = o * torch.sigmoid(self.out_gate(x)).view_as(o)
+        return self.proj(o.view(B, 1, -1))
 
     def build_kv_cache(
         self,
@@ -241,6 +290,60 @@ class LatticeGPT(GPT):
     @classmethod
     def from_name(cls, name: str, **kwargs: Any) -> Self:
         return cls(cls.config_class.from_name(name, **kwargs))
+
+    @property
+    def all_lattice(self) -> bool:
+        """Whether every layer is a Lattice layer (the model then has no length limit)."""
+        return len(self.config.lattice_layers) == self.config.n_layer
+
+    @property
+    def max_seq_length(self) -> int:
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        """As litgpt's, except that a model of Lattice layers only may go past ``block_size`` (its state has no
+        length; the RoPE tables grow to ``value``). Attention layers keep litgpt's limit."""
+        if value <= self.config.block_size:
+            GPT.max_seq_length.fset(self, value)
+            return
+        if not self.all_lattice:
+            raise LatticeError(
+                f"{value} tokens (prompt + new tokens) exceed the block size {self.config.block_size} that the "
+                "attention layers of this model can attend to"
+            )
+        self._max_seq_length = value
+        if not hasattr(self, "cos"):
+            cos, sin = self.rope_cache()
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
+        elif value != self.cos.size(0):
+            self.cos, self.sin = self.rope_cache(device=self.cos.device)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        input_pos_maxp1: int | None = None,
+        lm_head_chunk_size: int = 0,
+        *,
+        position: int | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """litgpt's forward. With ``input_pos`` the Lattice caches first check the positions; ``position`` (the
+        first entry of ``input_pos``) spares that check its one read of ``input_pos`` back from the device."""
+        if input_pos is not None and self.config.lattice_layers:
+            start = first_position(input_pos) if position is None else position
+            self.begin_positions(start, length=idx.shape[1], batch_size=idx.shape[0])
+        return super().forward(idx, input_pos, input_pos_maxp1, lm_head_chunk_size)
+
+    def begin_positions(self, start: int, length: int, batch_size: int) -> None:
+        """Check a forward of ``length`` tokens from ``start`` against every Lattice cache (see
+        :meth:`LatticeCache.begin`); a decode loop that replays a captured step calls this itself."""
+        for block in self.transformer.h:
+            if isinstance(block.attn, LatticeMixer):
+                if not isinstance(block.attn.kv_cache, LatticeCache):
+                    raise TypeError("You need to call `gpt.set_kv_cache()`")
+                block.attn.kv_cache.begin(start, length, batch_size)
 
     def set_kv_cache(
         self,

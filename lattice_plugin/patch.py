@@ -27,6 +27,9 @@ SCRIPT_CLASSES = {
     "litgpt.finetune.full": _PLAIN,
     "litgpt.generate.base": _PLAIN,
     "litgpt.chat.base": _PLAIN,
+    # LLM.load (litgpt's server uses it) and LLM.distribute; its multi-device strategies and trainer_setup still
+    # torch.load a lit_model.pth, so `lattice serve` keeps to one device
+    "litgpt.api": _PLAIN,
     "litgpt.finetune.lora": _LORA,
     "litgpt.scripts.merge_lora": _LORA,
 }
@@ -54,6 +57,8 @@ class CheckpointDir(type(Path())):
 def check_valid_checkpoint_dir(checkpoint_dir: Path, model_filename: str = "lit_model.pth", **kwargs: Any) -> None:
     """litgpt's check, accepting ``model.safetensors`` where ``lit_model.pth`` is expected."""
     checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir() and not kwargs.get("raise_error"):  # raise_error: litgpt may download it instead
+        raise LatticeError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
     if model_filename == "lit_model.pth" and not (checkpoint_dir / model_filename).is_file():
         if (checkpoint_dir / "model.safetensors").is_file():
             model_filename = "model.safetensors"
@@ -129,17 +134,6 @@ def merge_lora(
 MERGE_LORA_USERS = ("litgpt.scripts.merge_lora", "litgpt.finetune.lora", "litgpt.chat.base")
 
 
-def patch_llm_api() -> None:
-    """Make litgpt's Python API load Lattice checkpoints: ``litgpt.api.LLM.load`` (which litgpt's server uses) and
-    ``LLM.distribute`` build ``GPT`` / ``Config`` from ``litgpt.api``'s globals and read ``lit_model.pth`` through
-    its ``load_checkpoint``. (Its multi-device strategies and ``trainer_setup`` still ``torch.load`` a
-    ``lit_model.pth``: ``lattice serve`` keeps to one device.)"""
-    import litgpt.api
-
-    litgpt.api.GPT, litgpt.api.Config = LatticeGPT, LatticeConfig
-    litgpt.api.load_checkpoint = load_checkpoint
-
-
 def patch_litgpt() -> None:
     """Rebind litgpt's script globals to the Lattice classes (idempotent)."""
     global _litgpt_check_valid_checkpoint_dir
@@ -169,7 +163,19 @@ def patch_litgpt() -> None:
         importlib.import_module(module_name).main.__annotations__["checkpoint_dir"] = CheckpointDir
     pretrain = importlib.import_module("litgpt.pretrain")
     pretrain.setup.__annotations__["model_config"] = Optional[LatticeConfig]  # noqa: UP045 (litgpt's own spelling)
-    patch_llm_api()
+    _patch_decode_loop()
+
+
+def _patch_decode_loop() -> None:
+    """THE patch point of fast generation: ``litgpt.generate.base.generate_fn`` is where litgpt's generate, chat
+    (``litgpt.chat.base.generate`` imports it at call time) and Python API (``LLM.generate``, streaming or not)
+    find their decode loop; Lattice models then decode through :mod:`lattice_plugin.generation`."""
+    from lattice_plugin import generation
+
+    generate_base = importlib.import_module("litgpt.generate.base")
+    if generate_base.generate_fn is not generation.generate_fn:
+        generation.LITGPT_GENERATE_FN = generate_base.generate_fn
+        generate_base.generate_fn = generation.generate_fn
 
 
 def is_patched() -> bool:

@@ -88,27 +88,28 @@ def cache_bytes_at(config: Any, lengths: list[int], dtype: torch.dtype = torch.b
 
 @torch.inference_mode()
 def decode_speed(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int = 2) -> dict[str, Any]:
-    """Greedy generation of ``new_tokens`` after ``prompt`` (1-D token ids) through the model's cache, batch 1.
+    """Greedy generation of ``new_tokens`` after ``prompt`` (1-D token ids) through the model's cache, batch 1, by
+    the decode path ``lattice generate`` uses (:class:`lattice_plugin.generation.Decoder`: a CUDA graph on a GPU).
 
-    The first run warms up (kernels, allocator); the best of ``repeats`` timed runs is reported, prefill excluded.
+    The first run warms up (kernels, allocator, graph capture); the best of ``repeats`` timed runs is reported,
+    prefill excluded.
     """
+    from lattice_plugin.generation import Decoder
+
     device = prompt.device
     length = prompt.numel() + new_tokens
     if length > model.max_seq_length:
         raise ValueError(f"prompt + new tokens ({length}) exceed the model's max_seq_length ({model.max_seq_length})")
     model.set_kv_cache(batch_size=1, max_seq_length=model.max_seq_length, device=device)
+    decoder = Decoder(model, batch_size=1)
 
     def run() -> tuple[float, list[int]]:
-        positions = torch.arange(prompt.numel(), device=device)
-        logits = model(prompt.view(1, -1), input_pos=positions)
-        token = logits[0, -1].argmax()
+        token = decoder.prefill(prompt.view(1, -1)).argmax(-1)
         generated = [token]
         _synchronize(device)
         start = time.perf_counter()
-        for step in range(new_tokens - 1):
-            position = torch.tensor([prompt.numel() + step], device=device)
-            logits = model(token.view(1, 1), input_pos=position)
-            token = logits[0, -1].argmax()
+        for _ in range(new_tokens - 1):
+            token = decoder.step(token).argmax(-1)
             generated.append(token)
         _synchronize(device)
         return time.perf_counter() - start, [int(t) for t in generated]
