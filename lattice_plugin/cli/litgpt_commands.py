@@ -113,29 +113,6 @@ def run_litgpt() -> None:
         raise
 
 
-def _check_checkpoint_argument(argv: list[str]) -> None:
-    """``generate``/``chat`` on a checkpoint directory that does not exist: one line, not litgpt's text (nor, for
-    chat, an attempt to download a local path from the Hugging Face Hub). A Hub id ``org/name`` whose ``org`` is no
-    local directory is left to litgpt."""
-    from lattice_plugin.errors import LatticeError
-
-    if not argv or argv[0] not in ("generate", "chat"):
-        return
-    given, args = None, argv[1:]
-    for i, arg in enumerate(args):
-        flag_value = i > 0 and args[i - 1].startswith("--") and "=" not in args[i - 1]
-        if arg.startswith("--checkpoint_dir"):
-            given = arg.partition("=")[2] or (args[i + 1] if i + 1 < len(args) else None)
-            break
-        if given is None and not arg.startswith("-") and not flag_value:
-            given = arg
-    if given is None or Path(given).is_dir() or (Path("checkpoints") / given).is_dir():
-        return
-    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", given) and not Path(given.split("/")[0]).is_dir()
-    if not (argv[0] == "chat" and hub_id):
-        raise LatticeError(f"checkpoint directory {given!r} does not exist")
-
-
 def _register(name: str, summary: str) -> None:
     @app.command(
         name,
