@@ -126,3 +126,9 @@ def test_help_lists_the_commands_and_passes_through_to_litgpt(tmp_path):
     for command in ("pretrain", "finetune_lora", "generate", "chat", "inspect", "corpus", "tokenizer", "quickstart"):
         assert command in top
     assert "--model_config" in run_lattice("pretrain", "--help", cwd=tmp_path).stdout
+
+
+def test_bench_train_needs_a_gpu(tmp_path):
+    """Without CUDA, --train stops with one line and exit code 2, writing nothing."""
+    result = run_lattice("bench", "--train", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "CUDA" in result.stderr and not (tmp_path / "out").exists()

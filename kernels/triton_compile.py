@@ -1,0 +1,58 @@
+"""Parallel first-use compilation of the chunkwise Triton kernels.
+
+Triton compiles a kernel on its first launch, one kernel after another: a new (m, d, dtype, gates, flags) combination
+paid the sum of seven builds, most of it the reverse sweep's (``_bwd_scan_kernel``; Triton's Coalesce and
+RemoveLayoutConversions passes over its unrolled 16-token body take nearly all of it). :func:`compile_once` instead
+runs the forward and backward once on the real arguments with every launch of ``triton_chunk``'s kernels turned into
+a compile-only warm-up under Triton's ``AsyncCompileMode``: all builds run at once on a thread pool (Triton releases
+the GIL in its passes) and land in each kernel's cache, so the first real call launches compiled kernels and the
+wait is the slowest build, not the sum. Chunk counts are not specialised (``do_not_specialize=["NC"]``), so a new
+sequence length needs no new build.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import torch
+from triton.runtime.jit import JITFunction
+
+from . import triton_chunk
+
+_compiled: set[tuple] = set()
+
+
+@contextmanager
+def _compile_only(module):
+    """Inside: launches of ``module``'s jit kernels compile (asynchronously) and do not run."""
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    kernels = [f for f in vars(module).values() if isinstance(f, JITFunction)]
+    for kernel in kernels:
+        kernel.run = (lambda run: lambda *args, grid, warmup, **kw: run(*args, grid=grid, warmup=True, **kw))(
+            JITFunction.run.__get__(kernel)
+        )
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, AsyncCompileMode(pool):
+            yield
+    finally:
+        for kernel in kernels:
+            del kernel.run
+
+
+def compile_once(q, k, v, beta, state, **options) -> None:
+    """Build, all at once, every kernel that ``chunk_lattice_triton(q, k, v, beta, state, **options)`` and (when an
+    input requires grad) its backward will launch; a no-op for combinations built before in this process."""
+    from .triton_chunk import chunk_lattice_triton
+
+    train = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, beta, state))
+    # every shape but T (the kernels' blocking depends on the batch; T's chunk count is not specialised)
+    key = (q.dtype, q.shape[0], q.shape[2], *v.shape[2:], q.shape[3], train, q.device, tuple(sorted(options.items())))
+    if key in _compiled or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    inputs = [x.detach().requires_grad_(train) for x in (q, k, v, beta, state)]
+    with _compile_only(triton_chunk), torch.enable_grad():
+        o, _ = chunk_lattice_triton(*inputs, **options)
+        if train:
+            torch.autograd.grad(o, inputs, torch.zeros_like(o), allow_unused=True)
+    _compiled.add(key)
