@@ -43,16 +43,28 @@ def _compile_only(module):
 def compile_once(q, k, v, beta, state, **options) -> None:
     """Build, all at once, every kernel that ``chunk_lattice_triton(q, k, v, beta, state, **options)`` and (when an
     input requires grad) its backward will launch; a no-op for combinations built before in this process."""
+    compile_many([((q, k, v, beta, state), options)])
+
+
+def compile_many(calls) -> None:
+    """:func:`compile_once` for several ``((q, k, v, beta, state), options)`` at once: one parallel batch of builds
+    (e.g. both gate modes before a benchmark)."""
     from .triton_chunk import chunk_lattice_triton
 
-    train = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, beta, state))
-    # every shape but T (the kernels' blocking depends on the batch; T's chunk count is not specialised)
-    key = (q.dtype, q.shape[0], q.shape[2], *v.shape[2:], q.shape[3], train, q.device, tuple(sorted(options.items())))
-    if key in _compiled or os.environ.get("TRITON_INTERPRET") == "1":
+    todo = []
+    for inputs, options in calls:
+        q, v = inputs[0], inputs[2]
+        train = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+        # every shape but T (the kernels' blocking depends on the batch; T's chunk count is not specialised)
+        key = (q.dtype, q.shape[0], q.shape[2], *v.shape[2:], q.shape[3], train, q.device,
+               tuple(sorted(options.items())))
+        if key not in _compiled and key not in [t[0] for t in todo] and os.environ.get("TRITON_INTERPRET") != "1":
+            todo.append((key, [x.detach().requires_grad_(train) for x in inputs], options, train))
+    if not todo:
         return
-    inputs = [x.detach().requires_grad_(train) for x in (q, k, v, beta, state)]
     with _compile_only(triton_chunk), torch.enable_grad():
-        o, _ = chunk_lattice_triton(*inputs, **options)
-        if train:
-            torch.autograd.grad(o, inputs, torch.zeros_like(o), allow_unused=True)
-    _compiled.add(key)
+        for _, inputs, options, train in todo:
+            o, _ = chunk_lattice_triton(*inputs, **options)
+            if train:
+                torch.autograd.grad(o, inputs, torch.zeros_like(o), allow_unused=True)
+    _compiled.update(t[0] for t in todo)

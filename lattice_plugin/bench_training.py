@@ -101,31 +101,39 @@ def training_step(model: torch.nn.Module, B: int, T: int):
     return step
 
 
-def measure_training(mixer: str, T: int, tokens: int, *, warmup: int, steps: int, profile: bool = False) -> dict:
-    """Tokens/s and peak memory of ``mixer``'s training step at sequence length ``T``."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_training(mixer: str, T: int, tokens: int, *, warmup: int, steps: int, profile: bool = False,
+                     device: torch.device = torch.device("cuda"), **shape) -> dict:
+    """Tokens/s and peak memory (CUDA only) of ``mixer``'s training step at sequence length ``T``."""
     from lattice_plugin.bench import _kernel_times
 
     B = max(1, tokens // T)
     torch.manual_seed(0)
-    model = build_model(mixer, T, torch.device("cuda"))
+    model = build_model(mixer, T, device, **shape)
     step = training_step(model, B, T)
     started = time.perf_counter()
     step()
-    torch.cuda.synchronize()
+    _sync(device)
     first_s = time.perf_counter() - started
     for _ in range(warmup - 1):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    _sync(device)
     seconds = time.perf_counter() - started
     row = dict(method=mixer, T=T, B=B, tokens_per_step=B * T, steps=steps, step_ms=1000 * seconds / steps,
-               tokens_per_s=B * T * steps / seconds, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-               first_step_s=first_s, params=sum(p.numel() for p in model.parameters()))
-    if profile:
+               tokens_per_s=B * T * steps / seconds, first_step_s=first_s,
+               peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+               params=sum(p.numel() for p in model.parameters()))
+    if profile and device.type == "cuda":
         row["kernel_ms"] = _kernel_times(step, iters=2)
     return row
 

@@ -43,3 +43,14 @@ def test_thin_configs():
     assert all(c.num_warps in (4, 8) and c.num_stages in (2, 3) for c in kept)
     assert {c.kwargs["BK"] for c in kept} == {32, 64}
     assert thin_configs(configs[:2], 6) == configs[:2]  # none preferred: all kept
+
+
+def test_measure_and_plot(tmp_path):
+    """A timed row on the CPU has the fields the JSON and the plot read; the plot is written."""
+    from lattice_plugin.bench_training import measure_training, plot
+
+    row = measure_training("hybrid", 16, 32, warmup=1, steps=1, device=torch.device("cpu"), **TINY)
+    assert row["B"] == 2 and row["tokens_per_step"] == 32 and row["tokens_per_s"] > 0 and row["peak_gib"] is None
+    row["peak_gib"] = 1.0
+    plot(dict(device="cpu", model=[row, dict(method="attention", T=16, error="x")]), tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
