@@ -3,7 +3,8 @@ compile time of a fresh shape, then ``lattice bench --train``.
 
 Run with a fresh ``TRITON_CACHE_DIR``; writes ``$OUT/train_gpu.json`` (checks, compile times; rewritten after
 every step) and the bench's ``$OUT/train.json`` / ``train.png``. ``SEQ_LENS`` (default 2048,8192) picks the
-bench's lengths; ``DRY=1`` runs the checks only, on whatever device is there (the CPU interpreter included).
+bench's lengths, then T = 32768 runs if fewer than ``LONG_IF_BEFORE_S`` seconds have passed; ``DRY=1`` runs the
+checks only, on whatever device is there (the CPU interpreter included).
 """
 
 import json
@@ -16,6 +17,7 @@ import torch
 
 from lattice_plugin.kernels.elementwise import CODE_MAPS, epilogue_reference, prologue_reference
 
+START = time.time()
 OUT = Path(os.environ.get("OUT", "/tmp/train-gpu"))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -51,21 +53,23 @@ def check_fused() -> None:
     from lattice_plugin.kernels.triton_prologue import prologue_triton
 
     rows = []
-    for (B, T, Hq, H, m, d) in ((3, 37, 12, 4, 64, 64), (2, 50, 6, 3, 20, 24)):
-        for dtype in (torch.float32, torch.bfloat16):
-            for code in CODE_MAPS:
-                inputs = (torch.randn(B, T, Hq, m) * 2, torch.randn(B, T, H, m) * 2, torch.randn(B, T, H, d),
-                          torch.randn(B, T, H) * 2)
-                err = compare(lambda *a, code=code: prologue_triton(*a[:4], code, a[4]),
-                              lambda *a, code=code: prologue_reference(*a[:4], code, a[4]), inputs, dtype)
-                rows.append(dict(stage="prologue", code=code, shape=[B, T, Hq, H, m, d], dtype=str(dtype), **err))
-            for gated in (False, True):
-                inputs = [torch.randn(B, T, Hq, d), 1 + 0.3 * torch.randn(Hq, d)] + (
-                    [torch.randn(B, T, Hq * d)] if gated else [])
-                err = compare(lambda o, w, *g: epilogue_triton(o, w, 1e-5, g[0] if len(g) > 1 else None, g[-1]),
-                              lambda o, w, *g: epilogue_reference(o, w, 1e-5, g[0] if len(g) > 1 else None, g[-1]),
-                              inputs, dtype)
-                rows.append(dict(stage="epilogue", gated=gated, shape=[B, T, Hq, d], dtype=str(dtype), **err))
+    model_shape, awkward = (3, 37, 12, 12, 64, 64), (2, 50, 6, 3, 20, 24)  # the bench's mixer; GQA, odd sizes
+    cases = [(model_shape, torch.bfloat16, code) for code in CODE_MAPS] + [
+        (model_shape, torch.float32, "softmax"), (awkward, torch.bfloat16, "softmax"), (awkward, torch.bfloat16, "l2")]
+    for (B, T, Hq, H, m, d), dtype, code in cases:  # few variants: each is a build on the device
+        inputs = (torch.randn(B, T, Hq, m) * 2, torch.randn(B, T, H, m) * 2, torch.randn(B, T, H, d),
+                  torch.randn(B, T, H) * 2)
+        err = compare(lambda *a, code=code: prologue_triton(*a[:4], code, a[4]),
+                      lambda *a, code=code: prologue_reference(*a[:4], code, a[4]), inputs, dtype)
+        rows.append(dict(stage="prologue", code=code, shape=[B, T, Hq, H, m, d], dtype=str(dtype), **err))
+    for (B, T, Hq, _, _, d), dtype, gated in ((model_shape, torch.bfloat16, True), (model_shape, torch.bfloat16, False),
+                                              (awkward, torch.float32, True)):
+        inputs = [torch.randn(B, T, Hq, d), 1 + 0.3 * torch.randn(Hq, d)]
+        inputs += [torch.randn(B, T, Hq * d)] if gated else []
+        err = compare(lambda o, w, *g: epilogue_triton(o, w, 1e-5, g[0] if len(g) > 1 else None, g[-1]),
+                      lambda o, w, *g: epilogue_reference(o, w, 1e-5, g[0] if len(g) > 1 else None, g[-1]),
+                      inputs, dtype)
+        rows.append(dict(stage="epilogue", gated=gated, shape=[B, T, Hq, d], dtype=str(dtype), **err))
     for row in rows:
         row["ok"] = max(row["values"], row["grads"]) < TOL[torch.float32 if "32" in row["dtype"] else torch.bfloat16]
     report["fused_checks"] = dict(all_ok=all(r["ok"] for r in rows), tolerance="1e-5 float32, 2e-2 bfloat16",
@@ -136,9 +140,12 @@ def main() -> int:
     from lattice_plugin.bench_training import run_train_bench
 
     seq_lens = tuple(int(x) for x in os.environ.get("SEQ_LENS", "2048,8192").split(","))
-    results = run_train_bench(OUT, seq_lens=seq_lens, tokens=16384, warmup=3, steps=int(os.environ.get("STEPS", 5)))
+    steps = int(os.environ.get("STEPS", 5))
+    rows = run_train_bench(OUT, seq_lens=seq_lens, tokens=16384, warmup=3, steps=steps)["model"]
+    if time.time() - START < float(os.environ.get("LONG_IF_BEFORE_S", 240)):  # T = 32768 while time is left
+        rows += run_train_bench(OUT, seq_lens=(32768,), tokens=16384, warmup=2, steps=3, name="train_T32768")["model"]
     print(f"\n{'mixer':>14} {'T':>6} {'tokens/s':>10} {'peak GiB':>9} {'first step s':>12}")
-    for row in results["model"]:
+    for row in rows:
         if "tokens_per_s" in row:
             print(f"{row['method']:>14} {row['T']:>6} {row['tokens_per_s']:>10.0f} {row['peak_gib']:>9.1f} "
                   f"{row['first_step_s']:>12.1f}")

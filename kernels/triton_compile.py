@@ -11,6 +11,7 @@ sequence length needs no new build.
 """
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -62,9 +63,12 @@ def compile_many(calls) -> None:
             todo.append((key, [x.detach().requires_grad_(train) for x in inputs], options, train))
     if not todo:
         return
-    with _compile_only(triton_chunk), torch.enable_grad():
-        for _, inputs, options, train in todo:
-            o, _ = chunk_lattice_triton(*inputs, **options)
-            if train:
-                torch.autograd.grad(o, inputs, torch.zeros_like(o), allow_unused=True)
+    try:
+        with _compile_only(triton_chunk), torch.enable_grad():
+            for _, inputs, options, train in todo:
+                o, _ = chunk_lattice_triton(*inputs, **options)
+                if train:
+                    torch.autograd.grad(o, inputs, torch.zeros_like(o), allow_unused=True)
+    except Exception as error:  # only a speed-up: the kernels still build one by one on first launch
+        warnings.warn(f"parallel build of the Lattice kernels failed, building on first launch instead: {error!r}")
     _compiled.update(t[0] for t in todo)

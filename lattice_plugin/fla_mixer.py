@@ -28,7 +28,7 @@ def fla_mixer(kind: str, config: Config, layer_idx: int) -> FlaMixer:
     try:
         from fla.layers import DeltaNet, GatedLinearAttention
     except ImportError:
-        raise LatticeError("the FLA comparators need flash-linear-attention: pip install 'lattice-plugin[fla]'") from None
+        raise LatticeError("the FLA comparators need flash-linear-attention (the 'fla' extra)") from None
     expand = config.n_head * config.head_size / config.n_embd
     if kind == "fla_gla":
         layer = GatedLinearAttention(mode="chunk", hidden_size=config.n_embd, expand_k=expand, expand_v=expand,
