@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -108,7 +109,9 @@ def measure_compile() -> None:
     knobs.compilation.listener = listener
     _, run = lattice_call(8, 2048, "exact")
     started = time.perf_counter()
-    run()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
     first = time.perf_counter() - started
     started = time.perf_counter()
     run()
@@ -116,18 +119,23 @@ def measure_compile() -> None:
     report["compile"] = dict(shape="B=8, T=2048, 12 heads, m=d=64, bf16, gates=exact, fwd+bwd",
                              triton_cache_dir=os.environ.get("TRITON_CACHE_DIR"), first_call_s=first,
                              second_call_s=second, builds=list(builds),
-                             sum_of_builds_s=sum(b["seconds"] for b in builds if not b["cache_hit"]))
+                             sum_of_builds_s=sum(b["seconds"] for b in builds if not b["cache_hit"]),
+                             warnings=[str(w.message)[:300] for w in caught])
     print("compile:", {k: v for k, v in report["compile"].items() if k != "builds"}, flush=True)
     save()
     builds.clear()
     started = time.perf_counter()
     calls = []
     for B, T, gates in ((8, 2048, "chunk"), (2, 8192, "exact"), (2, 8192, "chunk")):
-        inputs, _ = lattice_call(B, T, gates)
-        calls.append((inputs, dict(chunk_size=64, gates=gates, orthogonal=True, normalize=True)))
-    compile_many(calls)
+        (q, k, v, beta, s0), _ = lattice_call(B, T, gates)
+        state = s0.unsqueeze(0).expand(B, -1, -1, -1)  # as ops.lattice_attention hands it to the kernels
+        calls.append(((q, k, v, beta, state), dict(chunk_size=64, gates=gates, orthogonal=True, normalize=True)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compile_many(calls)
     report["compile"]["other_variants"] = dict(what="gates=chunk at B=8; exact and chunk at B=2 (one batch)",
-                                               wall_s=time.perf_counter() - started, builds=list(builds))
+                                               wall_s=time.perf_counter() - started, builds=list(builds),
+                                               warnings=[str(w.message)[:300] for w in caught])
     knobs.compilation.listener = None
     save()
 
