@@ -121,6 +121,28 @@ def test_forward_backward_reaches_every_parameter(layers, output_gate):
     assert len(mixers) == len(model.config.lattice_layers) > 0
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_op_takes_the_activation_dtype(monkeypatch, autocast):
+    """Under bf16 autocast the op gets 16-bit q/k/v/beta (its gates stay float32 inside); float32 otherwise."""
+    import lattice_plugin.model as model_module
+
+    seen = []
+
+    def recording(q, k, v, beta, s0, **options):
+        seen.append({x.dtype for x in (q, k, v, beta)})
+        return original(q, k, v, beta, s0, **options)
+
+    original = model_module.lattice_attention
+    monkeypatch.setattr(model_module, "lattice_attention", recording)
+    model = LatticeGPT(tiny_config(lattice_layers="all", lattice_slots=6, lattice_output_gate=True))
+    idx = torch.randint(0, 512, (2, 21))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(idx)
+    logits.float().sum().backward()
+    assert seen == [{torch.bfloat16 if autocast else torch.float32}] * model.config.n_layer
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("layers", ["all", "every:2"])
 def test_greedy_generation_with_the_cache_equals_recomputing(layers):
     torch.manual_seed(1)
