@@ -2,9 +2,9 @@
 compile time of a fresh shape, then ``lattice bench --train``.
 
 Run with a fresh ``TRITON_CACHE_DIR``; writes ``$OUT/train_gpu.json`` (checks, compile times; rewritten after
-every step) and the bench's ``$OUT/train.json`` / ``train.png``. ``SEQ_LENS`` (default 2048,8192) picks the
-bench's lengths, then T = 32768 runs if fewer than ``LONG_IF_BEFORE_S`` seconds have passed; ``DRY=1`` runs the
-checks only, on whatever device is there (the CPU interpreter included).
+every step) and the bench's ``$OUT/train.json`` / ``train.png``. ``SEQ_LENS`` (default 2048,8192,32768) are run
+one after another, each into its own ``train_T<T>.json``, a next one only if fewer than ``NEXT_IF_BEFORE_S``
+seconds have passed; ``DRY=1`` runs the checks only, on whatever device is there (the CPU interpreter included).
 """
 
 import json
@@ -147,11 +147,12 @@ def main() -> int:
     measure_compile()
     from lattice_plugin.bench_training import run_train_bench
 
-    seq_lens = tuple(int(x) for x in os.environ.get("SEQ_LENS", "2048,8192").split(","))
-    steps = int(os.environ.get("STEPS", 5))
-    rows = run_train_bench(OUT, seq_lens=seq_lens, tokens=16384, warmup=3, steps=steps)["model"]
-    if time.time() - START < float(os.environ.get("LONG_IF_BEFORE_S", 240)):  # T = 32768 while time is left
-        rows += run_train_bench(OUT, seq_lens=(32768,), tokens=16384, warmup=2, steps=3, name="train_T32768")["model"]
+    rows = []
+    for i, T in enumerate(int(x) for x in os.environ.get("SEQ_LENS", "2048,8192,32768").split(",")):
+        if i and time.time() - START > float(os.environ.get("NEXT_IF_BEFORE_S", 240)):
+            break  # each length is a complete file (model rows, then op rows): the next only while time is left
+        rows += run_train_bench(OUT, seq_lens=(T,), tokens=16384, warmup=3 if T < 32768 else 2,
+                                steps=int(os.environ.get("STEPS", 5)), name=f"train_T{T}")["model"]
     print(f"\n{'mixer':>14} {'T':>6} {'tokens/s':>10} {'peak GiB':>9} {'first step s':>12}")
     for row in rows:
         if "tokens_per_s" in row:
