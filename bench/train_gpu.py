@@ -2,7 +2,7 @@
 compile time of a fresh shape, then ``lattice bench --train``.
 
 Run with a fresh ``TRITON_CACHE_DIR``; writes ``$OUT/train_gpu.json`` (checks, compile times; rewritten after
-every step) and the bench's ``$OUT/train.json`` / ``train.png``. ``SEQ_LENS`` (default 2048,8192,32768) are run
+every step) and the bench's ``$OUT/train_T<T>.json`` / ``.png``. ``SEQ_LENS`` (default 2048,8192,32768) are run
 one after another, each into its own ``train_T<T>.json``, a next one only if fewer than ``NEXT_IF_BEFORE_S``
 seconds have passed; ``DRY=1`` runs the checks only, on whatever device is there (the CPU interpreter included).
 """
@@ -123,6 +123,8 @@ def measure_compile() -> None:
                              warnings=[str(w.message)[:300] for w in caught])
     print("compile:", {k: v for k, v in report["compile"].items() if k != "builds"}, flush=True)
     save()
+    if os.environ.get("OTHER_VARIANTS", "1") != "1":  # short of time: the rows build their variants on first use
+        return
     builds.clear()
     started = time.perf_counter()
     calls = []
@@ -145,14 +147,15 @@ def main() -> int:
     if os.environ.get("DRY") == "1" or DEVICE != "cuda":
         return 0 if report["fused_checks"]["all_ok"] else 1
     measure_compile()
-    from lattice_plugin.bench_training import run_train_bench
+    from lattice_plugin.bench_training import MIXERS, run_train_bench
 
     rows = []
     for i, T in enumerate(int(x) for x in os.environ.get("SEQ_LENS", "2048,8192,32768").split(",")):
         if i and time.time() - START > float(os.environ.get("NEXT_IF_BEFORE_S", 240)):
             break  # each length is a complete file (model rows, then op rows): the next only while time is left
         rows += run_train_bench(OUT, seq_lens=(T,), tokens=16384, warmup=3 if T < 32768 else 2,
-                                steps=int(os.environ.get("STEPS", 5)), name=f"train_T{T}")["model"]
+                                steps=int(os.environ.get("STEPS", 5)), name=f"train_T{T}",
+                                mixers=tuple(os.environ.get("MIXERS", ",".join(MIXERS)).split(",")))["model"]
     print(f"\n{'mixer':>14} {'T':>6} {'tokens/s':>10} {'peak GiB':>9} {'first step s':>12}")
     for row in rows:
         if "tokens_per_s" in row:
