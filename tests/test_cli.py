@@ -130,5 +130,5 @@ def test_help_lists_the_commands_and_passes_through_to_litgpt(tmp_path):
 
 def test_bench_train_needs_a_gpu(tmp_path):
     """Without CUDA, --train stops with one line and exit code 2, writing nothing."""
-    result = run_lattice("bench", "--train", "--out", str(tmp_path / "out"))
+    result = run_lattice("bench", "--train", "--out", str(tmp_path / "out"), cwd=tmp_path, check=False)
     assert result.returncode == 2 and "CUDA" in result.stderr and not (tmp_path / "out").exists()
