@@ -25,7 +25,9 @@ def activation_dtype(x: torch.Tensor) -> torch.dtype:
     state arithmetic stay float32.
     """
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype  # also on devices autocast does not know (meta: litgpt's FLOP count)
 
 
 def fused_elementwise(x: torch.Tensor, backend: str) -> bool:
