@@ -321,7 +321,7 @@ def _opaque(x):
     return x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NC"])  # one build for every chunk count
 def _fwd_scan_kernel(
     k, v, beta, s_init, gram, c_out, ns_out, states, s_final, scratch,
     T, NC,
@@ -595,7 +595,7 @@ def _sub_gates(c_in, ns_in, k, beta, gram, row0, o_c, o_k, k_mask, H: tl.constex
     return As, Bs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NC"])  # one build for every chunk count
 def _chunk_read_kernel(
     x, k, v, beta, gram, c_in, ns_in, states, out,
     T, NC,
@@ -653,7 +653,7 @@ def _chunk_read_kernel(
         t0 += BCC
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NC"])  # one build for every chunk count
 def _bwd_scan_kernel(
     q, do, k, v, beta, gram, hgram, c_in, ns_in, states, d_final, scratch,
     dc_out, dgamma_out, dvv_out, g_out, d_init,
@@ -886,7 +886,7 @@ def _level_dq(Hm, As, Bs, h: tl.constexpr, PREC: tl.constexpr):
     return Xh * tl.dot(tl.where(r // (2 * h) == c // (2 * h), Hm, 0.0), Yh, input_precision=PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NC"])  # one build for every chunk count
 def _bwd_dq_kernel(
     do, k, v, beta, gram, hgram, c_in, ns_in, states, dq,
     T, NC,
@@ -934,7 +934,7 @@ def _bwd_dq_kernel(
         t0 += BCC
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NC"])  # one build for every chunk count
 def _bwd_dv_kernel(
     q, do, k, v, beta, gram, c_in, ns_in, dc_in, dvv_in, g_in, dv,
     T, NC,

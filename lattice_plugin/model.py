@@ -5,26 +5,53 @@ pretrained attention layer's weights load unchanged, docs/math.md §6) and every
 (FSDP wrapping, pretrain's initialisation of ``proj``, LoRA's weight mapping) applies to it as well.
 """
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from litgpt.model import GPT, Block, CausalSelfAttention, apply_rope, apply_rope_interleave
 from typing_extensions import Self
 
 from lattice_plugin.cache import LatticeCache, first_position
 from lattice_plugin.config import LatticeConfig
 from lattice_plugin.errors import LatticeError
+from lattice_plugin.kernels.elementwise import epilogue_reference, prologue_reference
 from lattice_plugin.ops import lattice_attention, lattice_step, triton_available
 
-# the code non-linearities, one per name of lattice_plugin.vocab.FEATURE_MAPS
-CODE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "softmax": lambda x: torch.softmax(x, dim=-1),
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "l2": lambda x: F.normalize(x, dim=-1),
-}
+
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls produce here: autocast's while it is on for ``x``'s device, else ``x``'s own.
+
+    The Lattice op takes its inputs in this dtype (16-bit under bf16 autocast and bf16-true), while its gate and
+    state arithmetic stay float32.
+    """
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype  # also on devices autocast does not know (meta: litgpt's FLOP count)
+
+
+def fused_elementwise(x: torch.Tensor, backend: str) -> bool:
+    """Whether the mixer's prologue and epilogue run as the fused Triton kernels (CUDA, float32 arithmetic)."""
+    return backend in ("auto", "triton") and x.is_cuda and x.dtype != torch.float64 and triton_available()
+
+
+def layer_prologue(q_logits, k_logits, v, beta_logits, code: str, out_dtype: torch.dtype, fused: bool):
+    """``kernels/elementwise.py:prologue_reference``, fused into one Triton kernel on CUDA."""
+    if fused:
+        from lattice_plugin.kernels.triton_prologue import prologue_triton
+
+        return prologue_triton(q_logits, k_logits, v, beta_logits, code, out_dtype)
+    return prologue_reference(q_logits, k_logits, v, beta_logits, code, out_dtype)
+
+
+def layer_epilogue(o, weight, eps: float, gate_logits, out_dtype: torch.dtype, fused: bool) -> torch.Tensor:
+    """``kernels/elementwise.py:epilogue_reference``, fused into one Triton kernel on CUDA."""
+    if fused:
+        from lattice_plugin.kernels.triton_epilogue import epilogue_triton
+
+        return epilogue_triton(o, weight, eps, gate_logits, out_dtype)
+    return epilogue_reference(o, weight, eps, gate_logits, out_dtype)
 
 
 class HeadwiseLinear(nn.Module):
@@ -76,10 +103,8 @@ class HeadRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(..., H, head_size)`` -> same shape and dtype."""
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        """``(..., H, head_size)`` -> same shape and dtype (the mixer fuses this into its epilogue)."""
+        return epilogue_reference(x, self.weight, self.eps, None, x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -120,18 +145,17 @@ class LatticeMixer(CausalSelfAttention):
         config = self.config
         B, T, _ = x.shape
         q, k, v = self._project(x, cos, sin)
-        feature_map = CODE_MAPS[config.lattice_feature_map]
-        q = feature_map(self.q_code(q).float())
-        k = feature_map(self.k_code(k).float())
-        v = F.normalize(v.float(), dim=-1)
-        beta = torch.sigmoid(self.beta_proj(x).float())
+        dtype = activation_dtype(x)
+        fused = fused_elementwise(x, config.lattice_backend)
+        q, k, v, beta = layer_prologue(
+            self.q_code(q), self.k_code(k), v, self.beta_proj(x), config.lattice_feature_map, dtype, fused
+        )
         if input_pos is None:
             o, _ = lattice_attention(q, k, v, beta, self.initial_slots.weight, **self._op_options(chunked=True))
         else:
             o = self._forward_with_cache(q, k, v, beta)
-        o = self.out_norm(o.to(x.dtype))
-        if self.out_gate is not None:
-            o = o * torch.sigmoid(self.out_gate(x)).view_as(o)
+        gate_logits = self.out_gate(x) if self.out_gate is not None else None
+        o = layer_epilogue(o, self.out_norm.weight, self.out_norm.eps, gate_logits, dtype, fused)
         return self.proj(o.reshape(B, T, -1))
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:

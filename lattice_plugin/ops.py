@@ -160,9 +160,11 @@ def lattice_attention(
         o, final_state = chunk_lattice(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags)
     else:
         from lattice_plugin.kernels.triton_chunk import chunk_lattice_triton
+        from lattice_plugin.kernels.triton_compile import compile_once
 
-        o, final_state = chunk_lattice_triton(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags,
-                                              gate_solver=gate_solver, fixed_point_iters=fixed_point_iters)
+        flags = dict(flags, gate_solver=gate_solver, fixed_point_iters=fixed_point_iters)
+        compile_once(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags)
+        o, final_state = chunk_lattice_triton(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags)
     return o.to(q.dtype), (final_state if output_final_state else None)
 
 

@@ -143,3 +143,9 @@ def test_help_imports_neither_torch_nor_litgpt(tmp_path):
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert "quickstart" in result.stdout
     assert result.stdout.strip().endswith("[]")
+
+
+def test_bench_train_needs_a_gpu(tmp_path):
+    """Without CUDA, --train stops with one line and exit code 2, writing nothing."""
+    result = run_lattice("bench", "--train", "--out", str(tmp_path / "out"), cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "CUDA" in result.stderr and not (tmp_path / "out").exists()

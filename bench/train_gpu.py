@@ -1,0 +1,170 @@
+"""One device call for the training-speed work (issue 16): GPU checks of the fused prologue/epilogue, the first-use
+compile time of a fresh shape, then ``lattice bench --train``.
+
+Run with a fresh ``TRITON_CACHE_DIR``; writes ``$OUT/train_gpu.json`` (checks, compile times; rewritten after
+every step) and the bench's ``$OUT/train_T<T>.json`` / ``.png``. ``SEQ_LENS`` (default 2048,8192,32768) are run
+one after another, each into its own ``train_T<T>.json``, a next one only if fewer than ``NEXT_IF_BEFORE_S``
+seconds have passed; ``DRY=1`` runs the checks only, on whatever device is there (the CPU interpreter included).
+"""
+
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from lattice_plugin.kernels.elementwise import CODE_MAPS, epilogue_reference, prologue_reference
+
+START = time.time()
+OUT = Path(os.environ.get("OUT", "/tmp/train-gpu"))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+report: dict = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", torch=torch.__version__)
+
+
+def save() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "train_gpu.json.tmp").write_text(json.dumps(report, indent=2))
+    os.replace(OUT / "train_gpu.json.tmp", OUT / "train_gpu.json")
+
+
+def rel_err(x, ref) -> float:
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def compare(fn, ref_fn, inputs, dtype) -> dict:
+    """Max relative error of outputs and of every input gradient, ``fn`` in ``dtype`` vs ``ref_fn`` in float64."""
+    ins = [x.to(DEVICE, dtype).requires_grad_() for x in inputs]
+    refs_in = [x.detach().double().requires_grad_() for x in ins]
+    outs, refs = fn(*ins, dtype), ref_fn(*refs_in, torch.float64)
+    outs, refs = (outs, refs) if isinstance(outs, tuple) else ((outs,), (refs,))
+    grads = [torch.randn_like(r) for r in refs]
+    torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(grads, outs)])
+    torch.autograd.backward(refs, grads)
+    return dict(values=max(rel_err(o, r) for o, r in zip(outs, refs)),
+                grads=max(rel_err(x.grad, r.grad) for x, r in zip(ins, refs_in)))
+
+
+def check_fused() -> None:
+    """Prologue and epilogue kernels vs the float64 references on awkward shapes, every code map, both dtypes."""
+    from lattice_plugin.kernels.triton_epilogue import epilogue_triton
+    from lattice_plugin.kernels.triton_prologue import prologue_triton
+
+    rows = []
+    model_shape, awkward = (3, 37, 12, 12, 64, 64), (2, 50, 6, 3, 20, 24)  # the bench's mixer; GQA, odd sizes
+    cases = [(model_shape, torch.bfloat16, code) for code in CODE_MAPS] + [
+        (model_shape, torch.float32, "softmax"), (awkward, torch.bfloat16, "softmax"), (awkward, torch.bfloat16, "l2")]
+    for (B, T, Hq, H, m, d), dtype, code in cases:  # few variants: each is a build on the device
+        inputs = (torch.randn(B, T, Hq, m) * 2, torch.randn(B, T, H, m) * 2, torch.randn(B, T, H, d),
+                  torch.randn(B, T, H) * 2)
+        err = compare(lambda *a, code=code: prologue_triton(*a[:4], code, a[4]),
+                      lambda *a, code=code: prologue_reference(*a[:4], code, a[4]), inputs, dtype)
+        rows.append(dict(stage="prologue", code=code, shape=[B, T, Hq, H, m, d], dtype=str(dtype), **err))
+    for (B, T, Hq, _, _, d), dtype, gated in ((model_shape, torch.bfloat16, True), (model_shape, torch.bfloat16, False),
+                                              (awkward, torch.float32, True)):
+        inputs = [torch.randn(B, T, Hq, d), 1 + 0.3 * torch.randn(Hq, d)]
+        inputs += [torch.randn(B, T, Hq * d)] if gated else []
+        err = compare(lambda o, w, *g: epilogue_triton(o, w, 1e-5, g[0] if len(g) > 1 else None, g[-1]),
+                      lambda o, w, *g: epilogue_reference(o, w, 1e-5, g[0] if len(g) > 1 else None, g[-1]),
+                      inputs, dtype)
+        rows.append(dict(stage="epilogue", gated=gated, shape=[B, T, Hq, d], dtype=str(dtype), **err))
+    for row in rows:
+        row["ok"] = max(row["values"], row["grads"]) < TOL[torch.float32 if "32" in row["dtype"] else torch.bfloat16]
+    report["fused_checks"] = dict(all_ok=all(r["ok"] for r in rows), tolerance="1e-5 float32, 2e-2 bfloat16",
+                                  rows=rows)
+    print("fused checks:", "ok" if report["fused_checks"]["all_ok"] else "FAILED",
+          max(r["grads"] for r in rows), flush=True)
+    save()
+
+
+def lattice_call(B, T, gates):
+    from lattice_plugin.bench import lattice_inputs
+    from lattice_plugin.ops import lattice_attention
+
+    inputs = lattice_inputs(B, T, 12, 12, 64, 64, requires_grad=True)
+
+    def run():
+        o = lattice_attention(*inputs, gates=gates, backend="triton")[0]
+        torch.autograd.grad(o, inputs, torch.ones_like(o))
+        torch.cuda.synchronize()
+
+    return inputs, run
+
+
+def measure_compile() -> None:
+    """First fwd+bwd of a fresh shape (bf16, m = d = 64, 12 heads, exact) with an empty Triton cache, per-kernel
+    build times from Triton's compilation listener; then the remaining variants the bench needs, in one batch."""
+    from triton import knobs
+
+    from lattice_plugin.kernels.triton_compile import compile_many
+
+    builds = []
+
+    def listener(*, src, metadata, metadata_group, times, cache_hit):
+        builds.append(dict(kernel=getattr(src, "name", "?"), seconds=times.total / 1e6, cache_hit=cache_hit))
+
+    knobs.compilation.listener = listener
+    _, run = lattice_call(8, 2048, "exact")
+    started = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    run()
+    second = time.perf_counter() - started
+    report["compile"] = dict(shape="B=8, T=2048, 12 heads, m=d=64, bf16, gates=exact, fwd+bwd",
+                             triton_cache_dir=os.environ.get("TRITON_CACHE_DIR"), first_call_s=first,
+                             second_call_s=second, builds=list(builds),
+                             sum_of_builds_s=sum(b["seconds"] for b in builds if not b["cache_hit"]),
+                             warnings=[str(w.message)[:300] for w in caught])
+    print("compile:", {k: v for k, v in report["compile"].items() if k != "builds"}, flush=True)
+    save()
+    if os.environ.get("OTHER_VARIANTS", "1") != "1":  # short of time: the rows build their variants on first use
+        return
+    builds.clear()
+    started = time.perf_counter()
+    calls = []
+    for B, T, gates in ((8, 2048, "chunk"), (2, 8192, "exact"), (2, 8192, "chunk")):
+        (q, k, v, beta, s0), _ = lattice_call(B, T, gates)
+        state = s0.unsqueeze(0).expand(B, -1, -1, -1)  # as ops.lattice_attention hands it to the kernels
+        calls.append(((q, k, v, beta, state), dict(chunk_size=64, gates=gates, orthogonal=True, normalize=True)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compile_many(calls)
+    report["compile"]["other_variants"] = dict(what="gates=chunk at B=8; exact and chunk at B=2 (one batch)",
+                                               wall_s=time.perf_counter() - started, builds=list(builds),
+                                               warnings=[str(w.message)[:300] for w in caught])
+    knobs.compilation.listener = None
+    save()
+
+
+def main() -> int:
+    check_fused()
+    if os.environ.get("DRY") == "1" or DEVICE != "cuda":
+        return 0 if report["fused_checks"]["all_ok"] else 1
+    measure_compile()
+    from lattice_plugin.bench_training import MIXERS, run_train_bench
+
+    rows = []
+    for i, T in enumerate(int(x) for x in os.environ.get("SEQ_LENS", "2048,8192,32768").split(",")):
+        if i and time.time() - START > float(os.environ.get("NEXT_IF_BEFORE_S", 240)):
+            break  # each length is a complete file (model rows, then op rows): the next only while time is left
+        rows += run_train_bench(OUT, seq_lens=(T,), tokens=16384, warmup=3 if T < 32768 else 2,
+                                steps=int(os.environ.get("STEPS", 5)), name=f"train_T{T}",
+                                mixers=tuple(os.environ.get("MIXERS", ",".join(MIXERS)).split(",")))["model"]
+    print(f"\n{'mixer':>14} {'T':>6} {'tokens/s':>10} {'peak GiB':>9} {'first step s':>12}")
+    for row in rows:
+        if "tokens_per_s" in row:
+            print(f"{row['method']:>14} {row['T']:>6} {row['tokens_per_s']:>10.0f} {row['peak_gib']:>9.1f} "
+                  f"{row['first_step_s']:>12.1f}")
+        else:
+            print(f"{row['method']:>14} {row['T']:>6} {row.get('error', '')[:80]}")
+    return 0 if report["fused_checks"]["all_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
