@@ -236,9 +236,8 @@ def convert_checkpoint(
     renamed into place only when complete. ``allow_empty`` permits converting zero layers (a plain copy into the
     Lattice checkpoint format; the CLI refuses an empty selection).
     """
-    from litgpt.utils import save_config
-
     from lattice_plugin.conversion import hf
+    from litgpt.utils import save_config
 
     options = options or ConversionOptions()
     source_dir, out_dir = Path(source_dir), Path(out_dir)

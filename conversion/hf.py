@@ -113,7 +113,7 @@ def import_checkpoint(source_dir: Path, work_dir: Path, model_name: str) -> Path
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # litgpt prints its arguments; keep the CLI's lines clean
             convert_hf_checkpoint(checkpoint_dir=work_dir, model_name=model_name)
-    except Exception as error:  # noqa: BLE001 - any failure of litgpt's converter is a bad input here
+    except Exception as error:
         raise LatticeError(
             f"litgpt could not convert the Hugging Face checkpoint {str(source_dir)!r} as {model_name!r}: {first_line(error)}"
         ) from None

@@ -73,8 +73,9 @@ def fixed_point_lattice(
         if start and start % chunk_size == 0:
             state = normalize_slots(state)
         vs = v[:, :, start:end]
-        a, b, res = fixed_point_gates(vs @ state, vs @ vs.mT, gamma[:, :, start:end], iters=iters,
-                                      orthogonal=orthogonal)
+        a, b, res = fixed_point_gates(
+            vs @ state, vs @ vs.mT, gamma[:, :, start:end], iters=iters, orthogonal=orthogonal
+        )
         o, state = gated_chunk(q[:, :, :, start:end], a, b, vs, state, normalize=False)
         outputs.append(o)
         residual = torch.maximum(residual, res)

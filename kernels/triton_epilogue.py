@@ -22,8 +22,18 @@ def _tile(x, toks, n_toks, h, o_d, tok_stride, D: tl.constexpr):
 
 @triton.jit
 def _epilogue_fwd_kernel(
-    o, w, g, y, rstd, NT, eps,
-    HQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, ROWS: tl.constexpr, HAS_GATE: tl.constexpr,
+    o,
+    w,
+    g,
+    y,
+    rstd,
+    NT,
+    eps,
+    HQ: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    ROWS: tl.constexpr,
+    HAS_GATE: tl.constexpr,
 ):
     toks = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     h = tl.program_id(1)
@@ -40,8 +50,20 @@ def _epilogue_fwd_kernel(
 
 @triton.jit
 def _epilogue_bwd_kernel(
-    dy, o, w, g, rstd, do, dg, dw_part, NT,
-    HQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, ROWS: tl.constexpr, HAS_GATE: tl.constexpr,
+    dy,
+    o,
+    w,
+    g,
+    rstd,
+    do,
+    dg,
+    dw_part,
+    NT,
+    HQ: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    ROWS: tl.constexpr,
+    HAS_GATE: tl.constexpr,
 ):
     i_t, h = tl.program_id(0), tl.program_id(1)
     toks = i_t.to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -54,8 +76,11 @@ def _epilogue_bwd_kernel(
     if HAS_GATE:
         gl, _ = _tile(g, toks, NT, h, o_d, HQ * D, D)
         s = tl.sigmoid(gl)
-        tl.store(dg + (toks * HQ + h)[:, None] * D + o_d[None, :],
-                 (gy * n * wh * s * (1.0 - s)).to(dg.dtype.element_ty), mask=mask)
+        tl.store(
+            dg + (toks * HQ + h)[:, None] * D + o_d[None, :],
+            (gy * n * wh * s * (1.0 - s)).to(dg.dtype.element_ty),
+            mask=mask,
+        )
         gy = gy * s
     tl.store(dw_part + (i_t * HQ + h) * D + o_d, tl.sum(gy * n, axis=0), mask=o_d < D)
     dn = gy * wh
@@ -77,8 +102,19 @@ class LatticeEpilogueFunction(torch.autograd.Function):
         rstd = torch.empty(NT * HQ, device=o.device, dtype=torch.float32)
         grid = (triton.cdiv(NT, ROWS), HQ)
         _epilogue_fwd_kernel[grid](
-            o, weight, g, y, rstd, NT, eps,
-            HQ, D, max(16, triton.next_power_of_2(D)), ROWS, has_gate, num_warps=WARPS,
+            o,
+            weight,
+            g,
+            y,
+            rstd,
+            NT,
+            eps,
+            HQ,
+            D,
+            max(16, triton.next_power_of_2(D)),
+            ROWS,
+            has_gate,
+            num_warps=WARPS,
         )
         ctx.save_for_backward(o, weight, g, rstd)
         ctx.has_gate = has_gate
@@ -94,8 +130,21 @@ class LatticeEpilogueFunction(torch.autograd.Function):
         dg = torch.empty_like(g) if ctx.has_gate else do
         dw_part = torch.empty(grid[0], HQ, D, device=o.device, dtype=torch.float32)
         _epilogue_bwd_kernel[grid](
-            dy.contiguous(), o, weight, g, rstd, do, dg, dw_part, NT,
-            HQ, D, max(16, triton.next_power_of_2(D)), ROWS, ctx.has_gate, num_warps=WARPS,
+            dy.contiguous(),
+            o,
+            weight,
+            g,
+            rstd,
+            do,
+            dg,
+            dw_part,
+            NT,
+            HQ,
+            D,
+            max(16, triton.next_power_of_2(D)),
+            ROWS,
+            ctx.has_gate,
+            num_warps=WARPS,
         )
         dw = dw_part.sum(0).to(weight.dtype)
         return do, dw, None, dg if ctx.has_gate else None, None

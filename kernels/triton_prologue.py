@@ -63,9 +63,28 @@ def _code_bwd(y, g, rn, MAP: tl.constexpr):
 
 @triton.jit
 def _prologue_fwd_kernel(
-    ql, kl, v, bl, q, k, vn, b, q_rn, k_rn, v_rn, RQ, RK, v_tok_stride,
-    HQ: tl.constexpr, HKV: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    ROWS: tl.constexpr, MAP: tl.constexpr,
+    ql,
+    kl,
+    v,
+    bl,
+    q,
+    k,
+    vn,
+    b,
+    q_rn,
+    k_rn,
+    v_rn,
+    RQ,
+    RK,
+    v_tok_stride,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    ROWS: tl.constexpr,
+    MAP: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     o_m = tl.arange(0, BM)
@@ -91,8 +110,29 @@ def _prologue_fwd_kernel(
 
 @triton.jit
 def _prologue_bwd_kernel(
-    dq, dk, dv, db, q, k, vn, b, q_rn, k_rn, v_rn, dql, dkl, dvx, dbl, RQ, RK,
-    M: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, ROWS: tl.constexpr, MAP: tl.constexpr,
+    dq,
+    dk,
+    dv,
+    db,
+    q,
+    k,
+    vn,
+    b,
+    q_rn,
+    k_rn,
+    v_rn,
+    dql,
+    dkl,
+    dvx,
+    dbl,
+    RQ,
+    RK,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    ROWS: tl.constexpr,
+    MAP: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     o_m = tl.arange(0, BM)
@@ -143,8 +183,29 @@ class LatticePrologueFunction(torch.autograd.Function):
         k_rn = torch.empty(RK, **f32) if MAP == 3 else vn
         v_rn = torch.empty(RK, **f32)
         _prologue_fwd_kernel[(triton.cdiv(RQ, ROWS),)](
-            q_logits, k_logits, v, beta_logits, q, k, vn, b, q_rn, k_rn, v_rn, RQ, RK, v.stride(1),
-            HQ, HKV, M, D, _block(M), _block(D), ROWS, MAP, num_warps=WARPS,
+            q_logits,
+            k_logits,
+            v,
+            beta_logits,
+            q,
+            k,
+            vn,
+            b,
+            q_rn,
+            k_rn,
+            v_rn,
+            RQ,
+            RK,
+            v.stride(1),
+            HQ,
+            HKV,
+            M,
+            D,
+            _block(M),
+            _block(D),
+            ROWS,
+            MAP,
+            num_warps=WARPS,
         )
         ctx.save_for_backward(q, k, vn, b, q_rn, k_rn, v_rn)
         ctx.MAP = MAP
@@ -160,8 +221,24 @@ class LatticePrologueFunction(torch.autograd.Function):
         outs = [torch.empty(x.shape, device=x.device, dtype=dt) for x, dt in zip((q, k, vn, b), ctx.dtypes)]
         RQ, RK = B * T * HQ, B * T * HKV
         _prologue_bwd_kernel[(triton.cdiv(RQ, ROWS),)](
-            *grads, q, k, vn, b, q_rn, k_rn, v_rn, *outs, RQ, RK,
-            M, D, _block(M), _block(D), ROWS, ctx.MAP, num_warps=WARPS,
+            *grads,
+            q,
+            k,
+            vn,
+            b,
+            q_rn,
+            k_rn,
+            v_rn,
+            *outs,
+            RQ,
+            RK,
+            M,
+            D,
+            _block(M),
+            _block(D),
+            ROWS,
+            ctx.MAP,
+            num_warps=WARPS,
         )
         return *outs, None, None
 

@@ -78,17 +78,21 @@ def bench_sequences(seq_lens, tokens, slots, heads, head_dim, *, rep_ms, chunk_g
 
     for T in seq_lens:
         B = tokens // T
-        q, k, v = (torch.randn(B, heads, T, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
+        q, k, v = (
+            torch.randn(B, heads, T, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(3)
+        )
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            fwd, train = _fwd_and_train(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                                        [q, k, v], rep_ms=rep_ms)
+            fwd, train = _fwd_and_train(
+                lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v], rep_ms=rep_ms
+            )
         record("sdpa_flash_causal", T, B, None, fwd, train)
         del q, k, v
         for m in slots:
             inputs = lattice_inputs(B, T, heads, heads, m, head_dim, requires_grad=True)
             modes = ["exact", "chunk"] if chunk_gates else ["exact"]
             for gates in modes:
+
                 def forward(q, k, v, beta, s0, gates=gates):
                     return lattice_attention(q, k, v, beta, s0, gates=gates, backend="triton")[0]
 
@@ -100,15 +104,17 @@ def bench_sequences(seq_lens, tokens, slots, heads, head_dim, *, rep_ms, chunk_g
                         fwd=_kernel_times(lambda: forward(*inputs)),
                         fwd_bwd=_kernel_times(lambda: torch.autograd.grad(forward(*inputs), inputs, grad)),
                     )
-            del inputs
             if chunk_gla is not None:
-                g_in = [torch.randn(B, T, heads, m, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                        for _ in range(2)]
+                g_in = [
+                    torch.randn(B, T, heads, m, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                    for _ in range(2)
+                ]
                 v_in = torch.randn(B, T, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                 gate = F.logsigmoid(torch.randn(B, T, heads, m, device="cuda")).to(torch.bfloat16).requires_grad_()
                 try:
-                    fwd, train = _fwd_and_train(lambda q, k, v, g: chunk_gla(q, k, v, g)[0],
-                                                [*g_in, v_in, gate], rep_ms=rep_ms)
+                    fwd, train = _fwd_and_train(
+                        lambda q, k, v, g: chunk_gla(q, k, v, g)[0], [*g_in, v_in, gate], rep_ms=rep_ms
+                    )
                     record("fla_chunk_gla", T, B, m, fwd, train)
                 except Exception as error:  # an incompatible fla build must not sink the run; it is reported
                     rows.append(dict(method="fla_chunk_gla", T=T, B=B, m=m, error=repr(error)[:300]))
@@ -155,29 +161,41 @@ def bench_decode(contexts, *, batch=8, q_heads=32, kv_heads=8, head_dim=128, slo
         for ctx in contexts:  # the state's size does not depend on the context: each context is timed anyway
             with torch.no_grad():
                 ms, eager = _per_step_ms(lambda: lattice_step(q, k, v, beta, state, inplace=True), rep_ms=rep_ms)
-            rows.append(dict(method="lattice_step", m=m, context=ctx, ms=ms, eager_ms=eager,
-                             cache_bytes=state.numel() * 4))
-            print(f"{'lattice_step':>22} m={m:>4} ctx={ctx:>7}  {ms * 1000:8.1f} us  (eager {eager * 1000:.1f} us)",
-                  flush=True)
+            rows.append(
+                dict(method="lattice_step", m=m, context=ctx, ms=ms, eager_ms=eager, cache_bytes=state.numel() * 4)
+            )
+            print(
+                f"{'lattice_step':>22} m={m:>4} ctx={ctx:>7}  {ms * 1000:8.1f} us  (eager {eager * 1000:.1f} us)",
+                flush=True,
+            )
     q = torch.randn(batch, q_heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
     for ctx in contexts:
         kv = torch.randn(2, batch, kv_heads, ctx, head_dim, device="cuda", dtype=torch.bfloat16)
-        ms, eager = _per_step_ms(lambda: F.scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True),
-                                 rep_ms=rep_ms)
-        rows.append(dict(method="sdpa_kv_cache", m=None, context=ctx, ms=ms, eager_ms=eager,
-                         cache_bytes=kv.numel() * 2))
-        print(f"{'sdpa_kv_cache':>22}          ctx={ctx:>7}  {ms * 1000:8.1f} us  (eager {eager * 1000:.1f} us)",
-              flush=True)
-        del kv
+        ms, eager = _per_step_ms(
+            lambda: F.scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True), rep_ms=rep_ms
+        )
+        rows.append(
+            dict(method="sdpa_kv_cache", m=None, context=ctx, ms=ms, eager_ms=eager, cache_bytes=kv.numel() * 2)
+        )
+        print(
+            f"{'sdpa_kv_cache':>22}          ctx={ctx:>7}  {ms * 1000:8.1f} us  (eager {eager * 1000:.1f} us)",
+            flush=True,
+        )
     return rows
 
 
 def summarize(sequence: list, decode: list) -> dict:
     """The issue's speed targets as measured ratios (>1 means Lattice is faster)."""
+
     def time_of(method, T=None, m=None, key="fwd_bwd_ms", context=None):
         for row in sequence if context is None else decode:
-            if row["method"] == method and (T is None or row.get("T") == T) and (m is None or row.get("m") == m) \
-                    and (context is None or row.get("context") == context) and key in row:
+            if (
+                row["method"] == method
+                and (T is None or row.get("T") == T)
+                and (m is None or row.get("m") == m)
+                and (context is None or row.get("context") == context)
+                and key in row
+            ):
                 return row[key]
         return None
 
@@ -207,20 +225,33 @@ def plot(results: dict, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     methods = sorted({(r["method"], r.get("m")) for r in results["sequence"] if "fwd_bwd_ms" in r}, key=str)
     for method, m in methods:
-        rows = sorted((r for r in results["sequence"] if r["method"] == method and r.get("m") == m
-                       and "fwd_bwd_ms" in r), key=lambda r: r["T"])
+        rows = sorted(
+            (r for r in results["sequence"] if r["method"] == method and r.get("m") == m and "fwd_bwd_ms" in r),
+            key=lambda r: r["T"],
+        )
         label = method if m is None else f"{method} m={m}"
         ax1.plot([r["T"] for r in rows], [r["fwd_bwd_ms"] for r in rows], marker="o", label=label)
-    ax1.set(xscale="log", yscale="log", xlabel="T (B*T fixed)", ylabel="forward+backward ms",
-            title=f"sequence mixing, {results['shapes']['heads']} heads, d={results['shapes']['head_dim']}")
+    ax1.set(
+        xscale="log",
+        yscale="log",
+        xlabel="T (B*T fixed)",
+        ylabel="forward+backward ms",
+        title=f"sequence mixing, {results['shapes']['heads']} heads, d={results['shapes']['head_dim']}",
+    )
     ax1.legend(fontsize=7)
     for method, m in sorted({(r["method"], r.get("m")) for r in results["decode"]}, key=str):
-        rows = sorted((r for r in results["decode"] if r["method"] == method and r.get("m") == m),
-                      key=lambda r: r["context"])
+        rows = sorted(
+            (r for r in results["decode"] if r["method"] == method and r.get("m") == m), key=lambda r: r["context"]
+        )
         label = method if m is None else f"{method} m={m}"
         ax2.plot([r["context"] for r in rows], [r["ms"] * 1000 for r in rows], marker="o", label=label)
-    ax2.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="us per decoded token",
-            title="decode, B=8, 32 query / 8 kv heads")
+    ax2.set(
+        xscale="log",
+        yscale="log",
+        xlabel="context tokens",
+        ylabel="us per decoded token",
+        title="decode, B=8, 32 query / 8 kv heads",
+    )
     ax2.legend(fontsize=7)
     fig.suptitle(results["device"], fontsize=9)
     fig.tight_layout()
@@ -257,8 +288,9 @@ def run_bench(
         fla_version = None
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    sequence, breakdown = bench_sequences(seq_lens, tokens, slots, heads, head_dim, rep_ms=rep_ms,
-                                          chunk_gates=chunk_gates)
+    sequence, breakdown = bench_sequences(
+        seq_lens, tokens, slots, heads, head_dim, rep_ms=rep_ms, chunk_gates=chunk_gates
+    )
     decode = bench_decode(decode_contexts, rep_ms=rep_ms)
     results = dict(
         device=torch.cuda.get_device_name(),
@@ -266,10 +298,17 @@ def run_bench(
         triton=triton.__version__,
         fla=fla_version,
         python=platform.python_version(),
-        shapes=dict(tokens=tokens, seq_lens=list(seq_lens), slots=list(slots), heads=heads, head_dim=head_dim,
-                    dtype="bfloat16", decode=dict(batch=8, q_heads=32, kv_heads=8, head_dim=128)),
+        shapes=dict(
+            tokens=tokens,
+            seq_lens=list(seq_lens),
+            slots=list(slots),
+            heads=heads,
+            head_dim=head_dim,
+            dtype="bfloat16",
+            decode=dict(batch=8, q_heads=32, kv_heads=8, head_dim=128),
+        ),
         timing=f"median of CUDA-event timings (triton.testing.do_bench); decode: per step, {DECODE_STEPS} steps per "
-               "timed call, ms from a CUDA graph (device time), eager_ms from Python calls (launch overhead included)",
+        "timed call, ms from a CUDA graph (device time), eager_ms from Python calls (launch overhead included)",
         sequence=sequence,
         kernel_ms=breakdown,
         decode=decode,
@@ -278,4 +317,3 @@ def run_bench(
     (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2, default=lambda x: None if x != x else x))
     plot(results, out_dir / f"{name}.png")
     return results
-

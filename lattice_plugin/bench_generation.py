@@ -20,7 +20,6 @@ logits of every position included) where ``batch * context <= PREFILL_TOKENS``. 
 """
 
 import json
-import math
 import platform
 import time
 from collections.abc import Callable
@@ -95,8 +94,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[torch.Tensor], torch.Tensor], token: torch.Tensor, steps: int, warmup: int,
-               device: torch.device) -> float:
+def time_steps(
+    step: Callable[[torch.Tensor], torch.Tensor], token: torch.Tensor, steps: int, warmup: int, device: torch.device
+) -> float:
     """ms per call of ``step`` (token in, next token out), after ``warmup`` calls."""
     for _ in range(warmup):
         token = step(token)
@@ -201,10 +201,22 @@ def run_generation_bench(
     cuda = device.type == "cuda"
     results: dict[str, Any] = dict(
         device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-        torch=torch.__version__, triton=triton.__version__, litgpt=getattr(litgpt, "__version__", "unknown"),
-        python=platform.python_version(), dtype=str(dtype).removeprefix("torch."), model=fields,
-        kinds=KINDS, decode_steps=steps, warmup_steps=warmup, method=__doc__.split("\n\n", 1)[1],
-        decode=[], prefill=[], cache_bytes={}, profiles={}, skipped=[], targets={},
+        torch=torch.__version__,
+        triton=triton.__version__,
+        litgpt=getattr(litgpt, "__version__", "unknown"),
+        python=platform.python_version(),
+        dtype=str(dtype).removeprefix("torch."),
+        model=fields,
+        kinds=KINDS,
+        decode_steps=steps,
+        warmup_steps=warmup,
+        method=__doc__.split("\n\n", 1)[1],
+        decode=[],
+        prefill=[],
+        cache_bytes={},
+        profiles={},
+        skipped=[],
+        targets={},
     )
     run = Run(out_dir, name, results, time.monotonic() + time_budget_s)
     free = torch.cuda.mem_get_info(device)[0] if cuda else 1 << 40
@@ -216,8 +228,12 @@ def run_generation_bench(
     # the order puts the shapes of the issue's targets first
     shapes = [(1, contexts[0])] + [(b, c) for b, c in [(1, 32768), (1, 131072), (64, 8192)] if c in contexts]
     shapes += [(b, c) for b in batches for c in contexts if (b, c) not in shapes]
-    comparators = [("attention_litgpt", "attention"), ("attention_graph", "attention"), ("lattice_graph", "lattice"),
-                   ("hybrid_graph", "hybrid")]
+    comparators = [
+        ("attention_litgpt", "attention"),
+        ("attention_graph", "attention"),
+        ("lattice_graph", "lattice"),
+        ("hybrid_graph", "hybrid"),
+    ]
     for batch, context in shapes:
         extra = [(name, "lattice") for name in DIAGNOSTICS] if context == contexts[0] and batch in (1, 64) else []
         for method, kind in comparators + extra:
@@ -234,9 +250,10 @@ def run_generation_bench(
                 run.skip(what, f"caches + litgpt's mask: {needed / 2**30:.0f} GiB, over {budget / 2**30:.0f} GiB free")
                 continue
             try:
-                ms = _time_decode(models[kind], method, batch, length, context, steps, warmup, device, Decoder,
-                                  LatticeMixer)
-            except Exception as error:  # noqa: BLE001 (out of memory, or any failure: recorded, the run goes on)
+                ms = _time_decode(
+                    models[kind], method, batch, length, context, steps, warmup, device, Decoder, LatticeMixer
+                )
+            except Exception as error:
                 run.skip(what, f"failed: {first_line(error)}")
                 continue
             finally:
@@ -244,21 +261,26 @@ def run_generation_bench(
                 if cuda:
                     torch.cuda.empty_cache()
             results["decode"].append({**what, "ms_per_token": ms, "tokens_per_s": batch * 1000 / ms})
-            print(f"{method:>22} B={batch:>3} ctx={context:>7}  {ms:8.3f} ms/token  {batch * 1000 / ms:10.0f} tok/s",
-                  flush=True)
+            print(
+                f"{method:>22} B={batch:>3} ctx={context:>7}  {ms:8.3f} ms/token  {batch * 1000 / ms:10.0f} tok/s",
+                flush=True,
+            )
             results["targets"] = targets(results["decode"], contexts)
             run.save()
     if profile and cuda:
-        for method, kind, batch, context in [("lattice_eager", "lattice", 1, contexts[0]),
-                                             ("lattice_graph", "lattice", 1, contexts[0]),
-                                             ("attention_litgpt", "attention", 1, contexts[0]),
-                                             ("lattice_eager", "lattice", 64, 8192)]:
+        for method, kind, batch, context in [
+            ("lattice_eager", "lattice", 1, contexts[0]),
+            ("lattice_graph", "lattice", 1, contexts[0]),
+            ("attention_litgpt", "attention", 1, contexts[0]),
+            ("lattice_eager", "lattice", 64, 8192),
+        ]:
             if run.over_time():
                 break
             try:
                 results["profiles"][f"{method} B={batch} ctx={context}"] = _profile(
-                    models[kind], method, batch, context, warmup, device, Decoder)
-            except Exception as error:  # noqa: BLE001 (a profile is diagnosis: report and go on)
+                    models[kind], method, batch, context, warmup, device, Decoder
+                )
+            except Exception as error:
                 results["profiles"][f"{method} B={batch} ctx={context}"] = {"error": str(error)[:300]}
             finally:
                 models[kind].clear_kv_cache()
@@ -277,7 +299,7 @@ def run_generation_bench(
                     ms = _time_prefill(models[kind], batch, context, device, Decoder)
                     results["prefill"].append({**what, "ms": ms})
                     print(f"prefill {kind:>10} B={batch:>3} T={context:>7}  {ms:9.1f} ms", flush=True)
-                except Exception as error:  # noqa: BLE001 (as above)
+                except Exception as error:
                     run.skip(what, f"failed: {first_line(error)}")
                 finally:
                     models[kind].clear_kv_cache()
@@ -288,12 +310,19 @@ def run_generation_bench(
     return results
 
 
-def _prepare(model: torch.nn.Module, method: str, batch: int, length: int, context: int, device: torch.device,
-             decoder_class: type) -> Callable[[torch.Tensor], torch.Tensor]:
+def _prepare(
+    model: torch.nn.Module,
+    method: str,
+    batch: int,
+    length: int,
+    context: int,
+    device: torch.device,
+    decoder_class: type,
+) -> Callable[[torch.Tensor], torch.Tensor]:
     model.max_seq_length = length
     model.set_kv_cache(batch_size=batch, max_seq_length=length, device=device, dtype=model.lm_head.weight.dtype)
     fill_caches(model)
-    if method.endswith("litgpt") or method.endswith("litgpt_loop"):
+    if method.endswith(("litgpt", "litgpt_loop")):
         if hasattr(model, "begin_positions"):
             for block in model.transformer.h:
                 block.attn.kv_cache.seek(context)
@@ -341,8 +370,10 @@ def targets(decode: list[dict[str, Any]], contexts: tuple[int, ...]) -> dict[str
     """The issue's targets as measured ratios (None where a shape was not measured)."""
 
     def ms(method: str, batch: int, context: int) -> float | None:
-        return next((r["ms_per_token"] for r in decode if (r["method"], r["batch"], r["context"]) ==
-                     (method, batch, context)), None)
+        return next(
+            (r["ms_per_token"] for r in decode if (r["method"], r["batch"], r["context"]) == (method, batch, context)),
+            None,
+        )
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b is not None else None
@@ -351,11 +382,14 @@ def targets(decode: list[dict[str, Any]], contexts: tuple[int, ...]) -> dict[str
     first = contexts[0]
     for attention in ("attention_litgpt", "attention_graph"):
         out[f"lattice/{attention} ms per token, B=1 ctx={first} (target <= 0.5)"] = ratio(
-            ms("lattice_graph", 1, first), ms(attention, 1, first))
+            ms("lattice_graph", 1, first), ms(attention, 1, first)
+        )
         out[f"{attention}/lattice ms per token, B=1 ctx=32768 (target >= 4)"] = ratio(
-            ms(attention, 1, 32768), ms("lattice_graph", 1, 32768))
+            ms(attention, 1, 32768), ms("lattice_graph", 1, 32768)
+        )
         out[f"lattice/{attention} tokens per s, B=64 ctx=8192 (target >= 3)"] = ratio(
-            ms(attention, 64, 8192), ms("lattice_graph", 64, 8192))
+            ms(attention, 64, 8192), ms("lattice_graph", 64, 8192)
+        )
     flat = [ms("lattice_graph", 1, c) for c in contexts if ms("lattice_graph", 1, c) is not None]
     out["lattice ms per token max/min over contexts, B=1 (target <= 1.10)"] = max(flat) / min(flat) if flat else None
     return out
@@ -371,19 +405,30 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(batches) + 1, figsize=(4.5 * (len(batches) + 1), 4.2))
     for ax, batch in zip(axes, batches):
         for method in sorted({r["method"] for r in results["decode"]}):
-            rows = sorted((r for r in results["decode"] if r["method"] == method and r["batch"] == batch),
-                          key=lambda r: r["context"])
+            rows = sorted(
+                (r for r in results["decode"] if r["method"] == method and r["batch"] == batch),
+                key=lambda r: r["context"],
+            )
             if rows:
                 ax.plot([r["context"] for r in rows], [r["ms_per_token"] for r in rows], marker="o", label=method)
-        ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="ms per decode step",
-               title=f"decode, batch {batch}")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="context tokens",
+            ylabel="ms per decode step",
+            title=f"decode, batch {batch}",
+        )
         ax.legend(fontsize=7)
     ax = axes[-1]
     shapes = sorted({(r["context"], r["batch"]) for r in results["prefill"]})
     for offset, kind in enumerate(KINDS):
         times = {(r["context"], r["batch"]): r["ms"] for r in results["prefill"] if r["kind"] == kind}
-        ax.bar([i + 0.27 * (offset - 1) for i, shape in enumerate(shapes) if shape in times],
-               [times[shape] for shape in shapes if shape in times], width=0.27, label=kind)
+        ax.bar(
+            [i + 0.27 * (offset - 1) for i, shape in enumerate(shapes) if shape in times],
+            [times[shape] for shape in shapes if shape in times],
+            width=0.27,
+            label=kind,
+        )
     ax.set_xticks(range(len(shapes)), [f"{b} x {c}" for c, b in shapes], rotation=45, fontsize=7)
     ax.set(yscale="log", xlabel="batch x prompt tokens", ylabel="prefill ms", title="prefill")
     ax.legend(fontsize=7)

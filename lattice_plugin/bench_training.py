@@ -106,8 +106,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_training(mixer: str, T: int, tokens: int, *, warmup: int, steps: int, profile: bool = False,
-                     device: torch.device = torch.device("cuda"), **shape) -> dict:
+def measure_training(
+    mixer: str,
+    T: int,
+    tokens: int,
+    *,
+    warmup: int,
+    steps: int,
+    profile: bool = False,
+    device: torch.device = torch.device("cuda"),
+    **shape,
+) -> dict:
     """Tokens/s and peak memory (CUDA only) of ``mixer``'s training step at sequence length ``T``."""
     from lattice_plugin.bench import _kernel_times
 
@@ -129,10 +138,18 @@ def measure_training(mixer: str, T: int, tokens: int, *, warmup: int, steps: int
         step()
     _sync(device)
     seconds = time.perf_counter() - started
-    row = dict(method=mixer, T=T, B=B, tokens_per_step=B * T, steps=steps, step_ms=1000 * seconds / steps,
-               tokens_per_s=B * T * steps / seconds, first_step_s=first_s,
-               peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-               params=sum(p.numel() for p in model.parameters()))
+    row = dict(
+        method=mixer,
+        T=T,
+        B=B,
+        tokens_per_step=B * T,
+        steps=steps,
+        step_ms=1000 * seconds / steps,
+        tokens_per_s=B * T * steps / seconds,
+        first_step_s=first_s,
+        peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        params=sum(p.numel() for p in model.parameters()),
+    )
     if profile and device.type == "cuda":
         row["kernel_ms"] = _kernel_times(step, iters=2)
     return row
@@ -191,8 +208,9 @@ def plot(results: dict, path: Path) -> None:
     width = 0.8 / max(1, len(mixers))
     for i, mixer in enumerate(mixers):
         for ax, key, scale in ((ax1, "tokens_per_s", 1e-3), (ax2, "peak_gib", 1.0)):
-            xs = [j + i * width for j, T in enumerate(seq_lens) if any(r["method"] == mixer and r["T"] == T
-                                                                        for r in rows)]
+            xs = [
+                j + i * width for j, T in enumerate(seq_lens) if any(r["method"] == mixer and r["T"] == T for r in rows)
+            ]
             ys = [r[key] * scale for T in seq_lens for r in rows if r["method"] == mixer and r["T"] == T]
             ax.bar(xs, ys, width, label=mixer)
     for ax, label in ((ax1, "thousand tokens / s"), (ax2, "peak GiB")):
@@ -248,11 +266,16 @@ def run_train_bench(
         model=[],
         ops=[],
         op_kernel_ms={},
-        setup=dict(model=MODEL_134M, tokens_per_step=tokens, warmup_steps=warmup, timed_steps=steps,
-                   step="bf16 autocast, forward + chunked cross-entropy + backward + fused AdamW (float32 weights)",
-                   fla_autotune=f"each FLA autotuner limited to {FLA_AUTOTUNE_CONFIGS} configs (4/8 warps, 2/3 "
-                                "stages preferred)",
-                   op_timing="median of CUDA-event timings (triton.testing.do_bench)"),
+        setup=dict(
+            model=MODEL_134M,
+            tokens_per_step=tokens,
+            warmup_steps=warmup,
+            timed_steps=steps,
+            step="bf16 autocast, forward + chunked cross-entropy + backward + fused AdamW (float32 weights)",
+            fla_autotune=f"each FLA autotuner limited to {FLA_AUTOTUNE_CONFIGS} configs (4/8 warps, 2/3 "
+            "stages preferred)",
+            op_timing="median of CUDA-event timings (triton.testing.do_bench)",
+        ),
     )
     for T in seq_lens:
         for mixer in mixers:

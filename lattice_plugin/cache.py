@@ -25,7 +25,8 @@ class LatticeCache(nn.Module):
     ) -> None:
         super().__init__()
         self.register_buffer(
-            "state", torch.zeros(batch_size, n_kv_heads, head_size, slots, device=device, dtype=torch.float32),
+            "state",
+            torch.zeros(batch_size, n_kv_heads, head_size, slots, device=device, dtype=torch.float32),
             persistent=False,
         )
         self.next_position = 0

@@ -6,11 +6,11 @@ through the plugin still gives a plain transformer. Every Lattice field is check
 
 import re
 from dataclasses import dataclass
+
 from litgpt.config import Config
 
 from lattice_plugin.errors import LatticeConfigError
 from lattice_plugin.vocab import BACKENDS, FEATURE_MAPS, GATE_MODES, Backend, FeatureMap, GateMode
-
 
 LAYER_SPEC_HELP = (
     "'all', 'none', a list of layer indices (negative counts from the end), 'first:N', 'last:N', "

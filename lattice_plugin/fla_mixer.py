@@ -31,11 +31,23 @@ def fla_mixer(kind: str, config: Config, layer_idx: int) -> FlaMixer:
         raise LatticeError("the FLA comparators need flash-linear-attention (the 'fla' extra)") from None
     expand = config.n_head * config.head_size / config.n_embd
     if kind == "fla_gla":
-        layer = GatedLinearAttention(mode="chunk", hidden_size=config.n_embd, expand_k=expand, expand_v=expand,
-                                     num_heads=config.n_head, layer_idx=layer_idx)
+        layer = GatedLinearAttention(
+            mode="chunk",
+            hidden_size=config.n_embd,
+            expand_k=expand,
+            expand_v=expand,
+            num_heads=config.n_head,
+            layer_idx=layer_idx,
+        )
     elif kind == "fla_deltanet":
-        layer = DeltaNet(mode="chunk", hidden_size=config.n_embd, expand_k=expand, expand_v=expand,
-                         num_heads=config.n_head, layer_idx=layer_idx)
+        layer = DeltaNet(
+            mode="chunk",
+            hidden_size=config.n_embd,
+            expand_k=expand,
+            expand_v=expand,
+            num_heads=config.n_head,
+            layer_idx=layer_idx,
+        )
     else:
         raise LatticeError(f"unknown FLA mixer {kind!r}; choose one of {', '.join(FLA_MIXERS)}")
     return FlaMixer(layer)

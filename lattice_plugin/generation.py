@@ -141,7 +141,7 @@ class Decoder:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=_capture_stream(self.device)):
                 logits = self._forward(self._token, self._input_pos, start, None)[:, -1]
-        except Exception as error:  # noqa: BLE001 (any failure: fall back, say why once)
+        except Exception as error:
             _warn_once(f"lattice: decoding without a CUDA graph, its capture failed: {first_line(error)}")
             self.use_graph = False
             self.resume(start)  # the failed capture may have advanced the caches' positions
@@ -197,8 +197,15 @@ def generate_fn(
     """
     if not uses_lattice(model):
         yield from LITGPT_GENERATE_FN(
-            model, prompt, max_returned_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            stop_tokens=stop_tokens, include_prompt=include_prompt, include_eos=include_eos,
+            model,
+            prompt,
+            max_returned_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_tokens=stop_tokens,
+            include_prompt=include_prompt,
+            include_eos=include_eos,
         )
         return
     module = unwrap(model)

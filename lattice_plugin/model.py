@@ -126,9 +126,7 @@ class LatticeMixer(CausalSelfAttention):
         self.beta_proj = nn.Linear(config.n_embd, n_kv)
         self.initial_slots = InitialSlots(n_kv, head_size, slots)
         self.out_norm = HeadRMSNorm(n_head, head_size, eps=config.norm_eps)
-        self.out_gate = (
-            nn.Linear(config.n_embd, n_head * head_size, bias=False) if config.lattice_output_gate else None
-        )
+        self.out_gate = nn.Linear(config.n_embd, n_head * head_size, bias=False) if config.lattice_output_gate else None
 
     def forward(
         self,
@@ -271,9 +269,7 @@ class LatticeMixer(CausalSelfAttention):
     ) -> LatticeCache:
         """A cache whose size does not depend on ``max_seq_length`` (the state is always float32)."""
         config = self.config
-        return LatticeCache(
-            batch_size, config.n_query_groups, config.head_size, config.lattice_slots, device=device
-        )
+        return LatticeCache(batch_size, config.n_query_groups, config.head_size, config.lattice_slots, device=device)
 
 
 class LatticeBlock(Block):

@@ -20,7 +20,6 @@ from lattice_plugin.kernels.recurrent import recurrent_lattice, recurrent_step
 from lattice_plugin.vocab import BACKENDS, GATE_MODES, GATE_SOLVERS, Backend, GateMode, GateSolver, one_of
 
 
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of state and gate arithmetic for activations of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -147,7 +147,10 @@ def patch_litgpt() -> None:
         for name, cls in classes.items():
             if hasattr(module, name):
                 setattr(module, name, cls)
-        for name, function in (("load_checkpoint", load_checkpoint), ("check_valid_checkpoint_dir", check_valid_checkpoint_dir)):
+        for name, function in (
+            ("load_checkpoint", load_checkpoint),
+            ("check_valid_checkpoint_dir", check_valid_checkpoint_dir),
+        ):
             if hasattr(module, name):
                 setattr(module, name, function)
     # litgpt's merge_lora reads <base>/lit_model.pth with torch.load; converted checkpoints hold model.safetensors

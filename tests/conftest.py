@@ -51,7 +51,9 @@ def run_lattice(*args: str, cwd: Path, check: bool = True) -> subprocess.Complet
         [sys.executable, "-m", "lattice_plugin", *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"lattice {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"lattice {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 

@@ -5,12 +5,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from lattice_plugin.conversion.convert import ConversionOptions, convert_checkpoint
 from litgpt.config import Config
 from litgpt.model import GPT
 from litgpt.utils import save_config
 
 from conftest import TINY_MODEL
-from lattice_plugin.conversion.convert import ConversionOptions, convert_checkpoint
 
 
 def make_teacher(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
@@ -40,29 +40,52 @@ def make_pair(root: Path, tokenizer_dir: Path, keep_attention: str | None = None
 def distill_flags(student: Path, teacher: Path, out_dir: Path, corpus: Path, *extra: str) -> list[str]:
     """Flags of a seconds-long run: 256-token steps, checkpoints every 2 steps, whole-split validation at the ends."""
     return [
-        "--student_dir", str(student),
-        "--teacher_dir", str(teacher),
-        "--out_dir", str(out_dir),
-        "--data.class_path", "litgpt.data.TextFiles",
-        "--data.train_data_path", str(corpus / "train"),
-        "--data.val_data_path", str(corpus / "val"),
-        "--data.num_workers", "0",
-        "--train.global_batch_size", "4",
-        "--train.micro_batch_size", "2",
-        "--train.max_seq_length", "64",
-        "--train.save_interval", "2",
-        "--train.log_interval", "1",
-        "--stage1.max_steps", "4",
-        "--stage1.lr", "0.05",
-        "--stage2.max_steps", "4",
-        "--stage2.lr", "0.002",
-        "--eval.interval", "2",
-        "--eval.max_iters", "2",
-        "--eval.final_max_iters", "4",
-        "--eval.decode_tokens", "8",
-        "--eval.prompt_tokens", "8",
-        "--eval.cache_lengths", "[64, 4096]",
-        "--precision", "32-true",
+        "--student_dir",
+        str(student),
+        "--teacher_dir",
+        str(teacher),
+        "--out_dir",
+        str(out_dir),
+        "--data.class_path",
+        "litgpt.data.TextFiles",
+        "--data.train_data_path",
+        str(corpus / "train"),
+        "--data.val_data_path",
+        str(corpus / "val"),
+        "--data.num_workers",
+        "0",
+        "--train.global_batch_size",
+        "4",
+        "--train.micro_batch_size",
+        "2",
+        "--train.max_seq_length",
+        "64",
+        "--train.save_interval",
+        "2",
+        "--train.log_interval",
+        "1",
+        "--stage1.max_steps",
+        "4",
+        "--stage1.lr",
+        "0.05",
+        "--stage2.max_steps",
+        "4",
+        "--stage2.lr",
+        "0.002",
+        "--eval.interval",
+        "2",
+        "--eval.max_iters",
+        "2",
+        "--eval.final_max_iters",
+        "4",
+        "--eval.decode_tokens",
+        "8",
+        "--eval.prompt_tokens",
+        "8",
+        "--eval.cache_lengths",
+        "[64, 4096]",
+        "--precision",
+        "32-true",
         *extra,
     ]
 
@@ -97,7 +120,9 @@ def _fsdp(model: torch.nn.Module) -> torch.nn.Module:
     )
 
 
-def sharded_transfer_step(rank: int, world_size: int, port: int, student: str, teacher_forcing: bool, result: str) -> None:
+def sharded_transfer_step(
+    rank: int, world_size: int, port: int, student: str, teacher_forcing: bool, result: str
+) -> None:
     """One attention-transfer SGD step of ``student`` sharded with FSDP like ``lattice distill --strategy fsdp`` (the
     trainer's units, ``through_outputs``), on the CPU over gloo; rank 0 writes the loss after the step to ``result``."""
     import torch.distributed as dist
@@ -172,7 +197,9 @@ def transfer_setup(student: Path) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, torch.randint(0, model.config.vocab_size, (2, 24))
 
 
-def transfer_losses(model: torch.nn.Module, tokens: torch.Tensor, teacher_forcing: bool, through_outputs: bool) -> float:
+def transfer_losses(
+    model: torch.nn.Module, tokens: torch.Tensor, teacher_forcing: bool, through_outputs: bool
+) -> float:
     """Attention-transfer loss after one SGD step (lr 0.5) on ``tokens`` (every rank sees the same batch)."""
     from lattice_plugin.distill.losses import AttentionTransfer
 

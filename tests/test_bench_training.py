@@ -8,8 +8,17 @@ import triton
 from lattice_plugin.bench_training import MIXERS, build_model, thin_configs, training_step
 from lattice_plugin.errors import LatticeError
 
-TINY = dict(n_layer=4, n_head=4, n_query_groups=4, n_embd=32, intermediate_size=64, vocab_size=128,
-            padding_multiple=64, lattice_slots=8, lattice_chunk_size=16)
+TINY = dict(
+    n_layer=4,
+    n_head=4,
+    n_query_groups=4,
+    n_embd=32,
+    intermediate_size=64,
+    vocab_size=128,
+    padding_multiple=64,
+    lattice_slots=8,
+    lattice_chunk_size=16,
+)
 
 
 @pytest.mark.parametrize("mixer", [m for m in MIXERS if not m.startswith("fla_")])
@@ -36,8 +45,9 @@ def test_fla_mixers_need_the_package():
 
 
 def test_thin_configs():
-    configs = [triton.Config({"BK": bk}, num_warps=w, num_stages=s) for bk in (32, 64) for w in (1, 2, 4, 8)
-               for s in (2, 3, 4)]
+    configs = [
+        triton.Config({"BK": bk}, num_warps=w, num_stages=s) for bk in (32, 64) for w in (1, 2, 4, 8) for s in (2, 3, 4)
+    ]
     kept = thin_configs(configs, 6)
     assert len(kept) == 6 and len({id(c) for c in kept}) == 6
     assert all(c.num_warps in (4, 8) and c.num_stages in (2, 3) for c in kept)

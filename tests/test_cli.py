@@ -26,7 +26,12 @@ def write_tiny_recipe(path: Path, corpus: Path, out_dir: Path, max_tokens: int) 
     recipe.update(out_dir=str(out_dir), tokenizer_dir=str(corpus / "tokenizer"))
     recipe["data"]["init_args"].update(train_data_path=str(corpus / "train"), val_data_path=str(corpus / "val"))
     recipe["train"].update(
-        save_interval=2, log_interval=1, global_batch_size=2, micro_batch_size=2, max_tokens=max_tokens, lr_warmup_steps=1
+        save_interval=2,
+        log_interval=1,
+        global_batch_size=2,
+        micro_batch_size=2,
+        max_tokens=max_tokens,
+        lr_warmup_steps=1,
     )
     recipe["eval"].update(interval=2, max_iters=1)
     path.write_text(yaml.safe_dump(recipe))
@@ -38,9 +43,16 @@ def pretrained(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     """`lattice pretrain` for 4 iterations (checkpoints every 2), then `--resume` for 2 more."""
     work = tmp_path_factory.mktemp("pretrain")
     out_dir = work / "out"
-    first = run_lattice("pretrain", "--config", write_tiny_recipe(work / "a.yaml", tiny_corpus, out_dir, 4 * 64), cwd=work)
+    first = run_lattice(
+        "pretrain", "--config", write_tiny_recipe(work / "a.yaml", tiny_corpus, out_dir, 4 * 64), cwd=work
+    )
     resumed = run_lattice(
-        "pretrain", "--config", write_tiny_recipe(work / "b.yaml", tiny_corpus, out_dir, 6 * 64), "--resume", "true", cwd=work
+        "pretrain",
+        "--config",
+        write_tiny_recipe(work / "b.yaml", tiny_corpus, out_dir, 6 * 64),
+        "--resume",
+        "true",
+        cwd=work,
     )
     return dict(work=work, out_dir=out_dir, first=first, resumed=resumed)
 
@@ -85,11 +97,42 @@ def test_finetune_lora_then_merge(pretrained, tmp_path):
     (tmp_path / "data.json").write_text(json.dumps(samples * 4))
     out_dir = tmp_path / "lora"
     run_lattice(
-        "finetune_lora", base, "--out_dir", out_dir, "--data", "JSON", "--data.json_path", tmp_path / "data.json",
-        "--data.val_split_fraction", "0.25", "--data.num_workers", "0", "--train.max_steps", "2",
-        "--train.epochs", "1", "--train.micro_batch_size", "2", "--train.global_batch_size", "2",
-        "--train.lr_warmup_steps", "1", "--train.max_seq_length", "32", "--eval.interval", "100", "--eval.max_iters", "1",
-        "--eval.final_validation", "false", "--precision", "32-true", "--lora_r", "4", "--lora_projection", "true",
+        "finetune_lora",
+        base,
+        "--out_dir",
+        out_dir,
+        "--data",
+        "JSON",
+        "--data.json_path",
+        tmp_path / "data.json",
+        "--data.val_split_fraction",
+        "0.25",
+        "--data.num_workers",
+        "0",
+        "--train.max_steps",
+        "2",
+        "--train.epochs",
+        "1",
+        "--train.micro_batch_size",
+        "2",
+        "--train.global_batch_size",
+        "2",
+        "--train.lr_warmup_steps",
+        "1",
+        "--train.max_seq_length",
+        "32",
+        "--eval.interval",
+        "100",
+        "--eval.max_iters",
+        "1",
+        "--eval.final_validation",
+        "false",
+        "--precision",
+        "32-true",
+        "--lora_r",
+        "4",
+        "--lora_projection",
+        "true",
         cwd=tmp_path,
     )
     merged = load_state_dict(out_dir / "final" / "lit_model.pth")

@@ -15,13 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from convert_helpers import ARCHITECTURES, LAYOUTS, LLAMA, write_hf_llama_checkpoint, write_litgpt_checkpoint
-from convert_helpers import make_tokenizer
-
-from conftest import run_cli
-from lattice_plugin.checkpoint import find_weights, load_model, load_state_dict
 from lattice_plugin.conversion import convert as convert_module
 from lattice_plugin.conversion.convert import ConversionOptions, convert_checkpoint, sha256
+
+from conftest import run_cli
+from convert_helpers import (
+    ARCHITECTURES,
+    LAYOUTS,
+    LLAMA,
+    make_tokenizer,
+    write_hf_llama_checkpoint,
+    write_litgpt_checkpoint,
+)
+from lattice_plugin.checkpoint import find_weights, load_model, load_state_dict
 
 # the hybrid layouts the main tests convert: layers given by --layers for one model, by --keep-attention for the other
 HYBRID_ARGS = {"llama": ["--layers", "every:2"], "neox": ["--keep-attention", "0"]}
@@ -127,8 +133,9 @@ def test_every_litgpt_weights_layout(layout, tokenizer_dir, tmp_path):
     source = write_litgpt_checkpoint(tmp_path / "source", "llama", tokenizer_dir, layout=layout)
     out = convert_checkpoint(source, tmp_path / "out", ConversionOptions(layers="0,-1"))
     reference = ARCHITECTURES["llama"]
-    from convert_helpers import random_state_dict
     from litgpt.config import Config
+
+    from convert_helpers import random_state_dict
 
     expected = random_state_dict(Config(**reference))
     converted = weights(out)
@@ -484,8 +491,19 @@ def test_help_lists_the_options(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main()
     text = capsys.readouterr().out
-    for option in ("--out", "--layers", "--keep-attention", "--slots", "--feature-map", "--gates", "--output-gate",
-                   "--dtype", "--force", "--model-name", "--seed"):
+    for option in (
+        "--out",
+        "--layers",
+        "--keep-attention",
+        "--slots",
+        "--feature-map",
+        "--gates",
+        "--output-gate",
+        "--dtype",
+        "--force",
+        "--model-name",
+        "--seed",
+    ):
         assert option in text, option
 
 

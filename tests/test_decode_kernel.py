@@ -18,16 +18,25 @@ for _name in [n for n in sys.modules if n.startswith("lattice_plugin.kernels.tri
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
+from lattice_plugin.kernels.gates import normalize_slots  # noqa: E402
+from lattice_plugin.kernels.triton_step import lattice_decode_layer_triton  # noqa: E402
 from litgpt.model import build_rope_cache  # noqa: E402
 
 from lattice_plugin.cache import LatticeCache  # noqa: E402
 from lattice_plugin.config import LatticeConfig  # noqa: E402
-from lattice_plugin.kernels.gates import normalize_slots  # noqa: E402
-from lattice_plugin.kernels.triton_step import lattice_decode_layer_triton  # noqa: E402
 from lattice_plugin.model import LatticeMixer  # noqa: E402
 
-SHAPE = dict(n_embd=48, n_head=4, n_query_groups=2, rotary_percentage=0.5, block_size=64, padded_vocab_size=64,
-             lattice_layers="all", lattice_slots=5, norm_eps=1e-5)  # head size 12, RoPE on 6 entries
+SHAPE = dict(
+    n_embd=48,
+    n_head=4,
+    n_query_groups=2,
+    rotary_percentage=0.5,
+    block_size=64,
+    padded_vocab_size=64,
+    lattice_layers="all",
+    lattice_slots=5,
+    norm_eps=1e-5,
+)  # head size 12, RoPE on 6 entries
 
 
 def run_both(dtype, batch=3, per_row_rope=False, **fields):
@@ -53,12 +62,18 @@ def run_both(dtype, batch=3, per_row_rope=False, **fields):
         expected_state = mixer.kv_cache.state.clone()
         new_state = state.clone()
         o = lattice_decode_layer_triton(
-            mixer.qkv(x).view(batch, -1), mixer.beta_proj(x).view(batch, -1),
+            mixer.qkv(x).view(batch, -1),
+            mixer.beta_proj(x).view(batch, -1),
             cos.reshape(cos.shape[0], -1) if config.lattice_rope else None,
             sin.reshape(sin.shape[0], -1) if config.lattice_rope else None,
-            mixer.q_code.weight, mixer.k_code.weight, mixer.out_norm.weight, new_state,
-            feature_map=config.lattice_feature_map, eps=config.norm_eps,
-            orthogonal=config.lattice_orthogonal, normalize=config.lattice_normalize,
+            mixer.q_code.weight,
+            mixer.k_code.weight,
+            mixer.out_norm.weight,
+            new_state,
+            feature_map=config.lattice_feature_map,
+            eps=config.norm_eps,
+            orthogonal=config.lattice_orthogonal,
+            normalize=config.lattice_normalize,
         )
         fused = mixer.proj(o.view(batch, 1, -1))
     return fused, expected, new_state, expected_state

@@ -99,8 +99,19 @@ def test_stage2_with_lora_trains_only_lora_parameters(pair, tiny_corpus, tmp_pat
     _, student = pair
     out_dir = tmp_path / "lora"
     report = run_in_process(
-        pair, tiny_corpus, out_dir, "--stage1.enabled", "false", "--stage2.trainable", "lora",
-        "--stage2.lr", "0.01", "--stage2.ce_weight", "0.5", "--eval.decode_tokens", "0",
+        pair,
+        tiny_corpus,
+        out_dir,
+        "--stage1.enabled",
+        "false",
+        "--stage2.trainable",
+        "lora",
+        "--stage2.lr",
+        "0.01",
+        "--stage2.ce_weight",
+        "0.5",
+        "--eval.decode_tokens",
+        "0",
     )
     assert set(report["perplexity"]) == {"teacher", "converted", "stage2"}
     assert report["stages"]["stage2"]["trainable"] == "lora"
@@ -158,8 +169,19 @@ def test_resume_refuses_a_changed_recipe_and_keeps_the_original(full_run, pair, 
     with pytest.raises(LatticeError, match="stage2.lr is 0.01 but the run in .*distill_config.json' used 0.002"):
         run_in_process(pair, tiny_corpus, finished, "--resume", "true", "--stage2.lr", "0.01")
     report = run_in_process(  # what only changes logging, checkpointing or the report may differ
-        pair, tiny_corpus, finished, "--resume", "true", "--train.log_interval", "2", "--train.keep_last", "1",
-        "--eval.decode_tokens", "0", "--eval.final_max_iters", "2",
+        pair,
+        tiny_corpus,
+        finished,
+        "--resume",
+        "true",
+        "--train.log_interval",
+        "2",
+        "--train.keep_last",
+        "1",
+        "--eval.decode_tokens",
+        "0",
+        "--eval.final_max_iters",
+        "2",
     )
     assert report["perplexity"]["stage2"] > 1 and "decode" not in report
     assert (finished / "distill_config.json").read_bytes() == recipe
@@ -168,8 +190,21 @@ def test_resume_refuses_a_changed_recipe_and_keeps_the_original(full_run, pair, 
 def test_keep_last_keeps_exactly_n_step_checkpoints(pair, tiny_corpus, tmp_path):
     out_dir = tmp_path / "keep"
     run_in_process(
-        pair, tiny_corpus, out_dir, "--stage2.enabled", "false", "--stage1.max_steps", "5",
-        "--train.save_interval", "1", "--train.keep_last", "2", "--eval.interval", "100", "--eval.decode_tokens", "0",
+        pair,
+        tiny_corpus,
+        out_dir,
+        "--stage2.enabled",
+        "false",
+        "--stage1.max_steps",
+        "5",
+        "--train.save_interval",
+        "1",
+        "--train.keep_last",
+        "2",
+        "--eval.interval",
+        "100",
+        "--eval.decode_tokens",
+        "0",
     )
     stage1 = out_dir / "stage1"
     assert sorted(path.name for path in stage1.iterdir()) == ["final", "logs", "step-000003", "step-000004"]
@@ -220,8 +255,12 @@ def test_sigterm_during_a_checkpoint_write_leaves_no_temporary(pair, tiny_corpus
     flags = distill_flags(student, teacher, out_dir, tiny_corpus, "--stage2.enabled", "false")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-c", SLOW_CHECKPOINT, str(marker), *flags], cwd=tmp_path, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", SLOW_CHECKPOINT, str(marker), *flags],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 300
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -268,7 +307,9 @@ def test_missing_or_corrupted_checkpoints_are_clear_errors(full_run, pair, tiny_
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     teacher, student = pair
-    result = run_lattice("distill", *distill_flags(student, teacher, broken, tiny_corpus), "--resume", "true", cwd=tmp_path, check=False)
+    result = run_lattice(
+        "distill", *distill_flags(student, teacher, broken, tiny_corpus), "--resume", "true", cwd=tmp_path, check=False
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("lattice: error: cannot read weights from")
     assert "Traceback" not in result.stderr
@@ -294,11 +335,20 @@ def test_bad_recipe_keys_are_one_clear_error(pair, tiny_corpus, tmp_path):
     for argv, message in [
         (base + ["--bogus", "1"], "Unrecognized arguments: --bogus"),
         (base + ["--stage1.lr", "fast"], "stage1.lr"),
-        (base + ["--stage2.trainable", "everything"], "stage2.trainable must be one of full, lattice, lora, lora\\+lattice"),
+        (
+            base + ["--stage2.trainable", "everything"],
+            "stage2.trainable must be one of full, lattice, lora, lora\\+lattice",
+        ),
         (base + ["--strategy", "deepspeed"], "strategy must be one of auto, ddp, fsdp"),
         (["--student_dir", str(student), "--stage2.max_steps", "1"], "stage1 needs a budget"),
-        (base + ["--train.global_batch_size", "6", "--train.micro_batch_size", "4"], "multiple of train.micro_batch_size"),
-        (base + ["--data.class_path", "litgpt.data.TextFiles", "--data.train_data_path", "x", "--data.nope", "1"], "nope"),
+        (
+            base + ["--train.global_batch_size", "6", "--train.micro_batch_size", "4"],
+            "multiple of train.micro_batch_size",
+        ),
+        (
+            base + ["--data.class_path", "litgpt.data.TextFiles", "--data.train_data_path", "x", "--data.nope", "1"],
+            "nope",
+        ),
     ]:
         with pytest.raises(LatticeError, match=message):
             parse(argv)
@@ -319,7 +369,9 @@ def test_distill_modules_import_one_another_without_a_cycle():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lattice_plugin.distill."):
                 imported.add(node.module.rsplit(".", 1)[1])
             elif isinstance(node, ast.Import):
-                imported |= {a.name.rsplit(".", 1)[1] for a in node.names if a.name.startswith("lattice_plugin.distill.")}
+                imported |= {
+                    a.name.rsplit(".", 1)[1] for a in node.names if a.name.startswith("lattice_plugin.distill.")
+                }
         graph[path.stem] = imported
     assert {"trainer", "stage", "fabric", "report", "args"} <= set(graph)
 

@@ -16,11 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from eval_helpers import make_checkpoint, make_tokenizer, save_checkpoint, tiny_config  # noqa: E402
-
-from lattice_plugin.errors import LatticeError  # noqa: E402
-from lattice_plugin.evaluation import LatticeLM, TaskDataConfig, prepare_tasks  # noqa: E402
-from lattice_plugin.evaluation.runner import EvalSettings, run_eval  # noqa: E402
+from eval_helpers import make_checkpoint, make_tokenizer, save_checkpoint, tiny_config
+from lattice_plugin.errors import LatticeError
+from lattice_plugin.evaluation import LatticeLM, TaskDataConfig, prepare_tasks
+from lattice_plugin.evaluation.runner import EvalSettings, run_eval
 
 ARCHITECTURES = {"lattice": "all", "hybrid": "every:2", "transformer": None}
 
@@ -207,8 +206,7 @@ def test_overfit_recall_scores_one_and_untrained_scores_zero(checkpoints, tokeni
         echo=lambda *_: None,
     )
     scores = {
-        label: run["results"]["lattice_kv_recall"]["exact_match,strip"]
-        for label, run in combined["results"].items()
+        label: run["results"]["lattice_kv_recall"]["exact_match,strip"] for label, run in combined["results"].items()
     }
     assert scores == {"recall-trained": 1.0, "lattice": pytest.approx(0.0, abs=0.25)}
     # the outputs: lm-eval JSON per checkpoint, the combined JSON and the markdown table

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from convert_helpers import make_tokenizer, write_litgpt_checkpoint
 
 from conftest import enospc_save_file, run_cli
+from convert_helpers import make_tokenizer, write_litgpt_checkpoint
 from lattice_plugin import checkpoint as checkpoint_module
 from lattice_plugin.checkpoint import HOST, load_model, load_state_dict, temporary_prefix
 from lattice_plugin.errors import LatticeError
@@ -106,8 +106,10 @@ def small_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         sys.platform == "linux"
         and os.geteuid() == 0
         and shutil.which("mount") is not None
-        and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL}", "tmpfs", str(mount)], capture_output=True)
-        .returncode == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={SMALL}", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        == 0
     )
     if not mounted:
         real_free = checkpoint_module.free_bytes

@@ -7,12 +7,12 @@ few iterations must shrink the error and report a residual of the same order.
 
 import pytest
 import torch
-
-from lattice_plugin.errors import LatticeError
 from lattice_plugin.kernels.chunk import chunk_lattice
 from lattice_plugin.kernels.fixed_point import fixed_point_lattice
 from lattice_plugin.kernels.gates import normalize_slots
 from lattice_plugin.kernels.recurrent import recurrent_lattice
+
+from lattice_plugin.errors import LatticeError
 from lattice_plugin.ops import lattice_attention
 
 
@@ -56,8 +56,11 @@ def test_error_falls_with_iterations_and_residual_tracks_it():
     for iters in (0, 1, 2, 4):
         got = outputs_and_grads(lambda *x: fixed_point_lattice(*x, iters=iters), inputs)
         worst.append(max(rel_errors(got, ref)))
-        residuals.append(fixed_point_lattice(*[x.detach() for x in inputs[:4]], normalize_slots(inputs[4].detach()),
-                                             iters=iters)[2].item())
+        residuals.append(
+            fixed_point_lattice(*[x.detach() for x in inputs[:4]], normalize_slots(inputs[4].detach()), iters=iters)[
+                2
+            ].item()
+        )
     assert residuals[0] == 0 and all(r > 0 for r in residuals[1:])
     assert worst[0] > 1e-3, worst  # frozen gates are an approximation...
     assert worst[1] < worst[0] and worst[2] < worst[1] and worst[3] < worst[2], worst
@@ -76,8 +79,9 @@ def test_operator_option_and_bad_settings():
     q, k, v, beta, s0 = (x.detach() for x in make_inputs(2, 21, 4, 2, 6, 5))
     s0 = s0[0]
     ref, ref_state = lattice_attention(q, k, v, beta, s0, backend="recurrent", output_final_state=True)
-    o, state = lattice_attention(q, k, v, beta, s0, backend="torch", gate_solver="fixed_point", fixed_point_iters=16,
-                                 output_final_state=True)
+    o, state = lattice_attention(
+        q, k, v, beta, s0, backend="torch", gate_solver="fixed_point", fixed_point_iters=16, output_final_state=True
+    )
     assert (o - ref).abs().max() < 1e-10 and (state - ref_state).abs().max() < 1e-10
     for options, message in [
         (dict(gate_solver="newton"), "unknown gate_solver"),
@@ -97,8 +101,13 @@ def test_auto_solver_picks_the_matmul_passes_for_frozen_gates_only(monkeypatch):
 
     def fake_triton(*args, gates, gate_solver, **kwargs):
         seen.append((gates, gate_solver))
-        return chunk_lattice(*args, gates=gates, chunk_size=kwargs["chunk_size"], orthogonal=kwargs["orthogonal"],
-                             normalize=kwargs["normalize"])
+        return chunk_lattice(
+            *args,
+            gates=gates,
+            chunk_size=kwargs["chunk_size"],
+            orthogonal=kwargs["orthogonal"],
+            normalize=kwargs["normalize"],
+        )
 
     monkeypatch.setattr(ops, "resolve_backend", lambda *a, **k: "triton")
     monkeypatch.setattr("lattice_plugin.kernels.triton_chunk.chunk_lattice_triton", fake_triton)

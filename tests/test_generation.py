@@ -87,14 +87,19 @@ def test_patched_litgpt_loop_matches_litgpt_own_with_stop_tokens(layers):
     model = tiny_model(layers, seed=3)
     prompt = torch.randint(0, 512, (9,))
     model.set_kv_cache(batch_size=1)
-    free = torch.cat(list(generation.LITGPT_GENERATE_FN(model, prompt, 40, top_k=1, include_prompt=False,
-                                                         include_eos=True)))
+    free = torch.cat(
+        list(generation.LITGPT_GENERATE_FN(model, prompt, 40, top_k=1, include_prompt=False, include_eos=True))
+    )
     stop = ([int(free[20]), int(free[21])], [999])
     for include_eos in (True, False):
-        ours = list(generate_fn(model, prompt, 40, top_k=1, stop_tokens=stop, include_prompt=False,
-                                include_eos=include_eos))
-        theirs = list(generation.LITGPT_GENERATE_FN(model, prompt, 40, top_k=1, stop_tokens=stop,
-                                                    include_prompt=False, include_eos=include_eos))
+        ours = list(
+            generate_fn(model, prompt, 40, top_k=1, stop_tokens=stop, include_prompt=False, include_eos=include_eos)
+        )
+        theirs = list(
+            generation.LITGPT_GENERATE_FN(
+                model, prompt, 40, top_k=1, stop_tokens=stop, include_prompt=False, include_eos=include_eos
+            )
+        )
         assert [int(t) for t in ours] == [int(t) for t in theirs]
     assert torch.equal(base.generate(model, prompt, 40, top_k=1, include_prompt=False), free)
 
@@ -108,8 +113,11 @@ def test_graph_capture_failure_falls_back_once_with_a_warning(monkeypatch):
         def __init__(self, *args, **kwargs):
             raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
 
-    monkeypatch.setattr(Decoder, "_eager_on_side_stream", lambda self, start: self._forward(
-        self._token, self._input_pos, start, None)[:, -1])
+    monkeypatch.setattr(
+        Decoder,
+        "_eager_on_side_stream",
+        lambda self, start: self._forward(self._token, self._input_pos, start, None)[:, -1],
+    )
     monkeypatch.setattr(generation, "_capture_stream", lambda device: None)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
     monkeypatch.setattr(torch.cuda, "graph", FailingGraph)
@@ -123,8 +131,9 @@ def test_graph_capture_failure_falls_back_once_with_a_warning(monkeypatch):
             logits = [decoder.prefill(idx[:, :30])] + [decoder.step(idx[:, t]).clone() for t in range(30, 39)]
             Decoder(model, batch_size=2, graph=True)._capture_and_replay(0)  # a second failure: no second warning
     messages = [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
-    assert messages == ["lattice: decoding without a CUDA graph, its capture failed: operation not permitted when "
-                        "stream is capturing"]
+    assert messages == [
+        ("lattice: decoding without a CUDA graph, its capture failed: operation not permitted when stream is capturing")
+    ]
     assert not decoder.use_graph
     assert (torch.stack(logits, 1) - full[:, 29:39]).abs().max() < 1e-4
 
@@ -193,16 +202,36 @@ def test_generation_benchmark_runs_every_comparator_and_reports_skips(tmp_path):
 
     from lattice_plugin.bench_generation import BUILTIN_134M, run_generation_bench
 
-    fields = {**BUILTIN_134M, **dict(block_size=100, vocab_size=500, padded_vocab_size=512, n_layer=4, n_embd=32,
-                                     n_head=4, n_query_groups=4, head_size=8, intermediate_size=64, lattice_slots=6)}
-    run_generation_bench(tmp_path, fields=fields, batches=(1, 2), contexts=(20, 120), steps=2, warmup=1,
-                         dtype=torch.float32)
+    fields = {
+        **BUILTIN_134M,
+        **dict(
+            block_size=100,
+            vocab_size=500,
+            padded_vocab_size=512,
+            n_layer=4,
+            n_embd=32,
+            n_head=4,
+            n_query_groups=4,
+            head_size=8,
+            intermediate_size=64,
+            lattice_slots=6,
+        ),
+    }
+    run_generation_bench(
+        tmp_path, fields=fields, batches=(1, 2), contexts=(20, 120), steps=2, warmup=1, dtype=torch.float32
+    )
     results = json.loads((tmp_path / "generation.json").read_text())
     measured = {(r["method"], r["batch"], r["context"]) for r in results["decode"]}
-    assert {("lattice_graph", 1, 120), ("attention_litgpt", 2, 20), ("hybrid_graph", 2, 20),
-            ("lattice_graph_unfused", 1, 20), ("lattice_litgpt_loop", 1, 20)} <= measured
+    assert {
+        ("lattice_graph", 1, 120),
+        ("attention_litgpt", 2, 20),
+        ("hybrid_graph", 2, 20),
+        ("lattice_graph_unfused", 1, 20),
+        ("lattice_litgpt_loop", 1, 20),
+    } <= measured
     assert {(s["method"], s["batch"], s["context"]) for s in results["skipped"] if "method" in s} == {
-        (m, b, 120) for m in ("attention_litgpt", "attention_graph", "hybrid_graph") for b in (1, 2)}
+        (m, b, 120) for m in ("attention_litgpt", "attention_graph", "hybrid_graph") for b in (1, 2)
+    }
     assert all("block size 100" in s["reason"] for s in results["skipped"])
     assert results["cache_bytes"]["lattice"]["1x20"] == results["cache_bytes"]["lattice"]["1x120"]
     assert results["targets"]["lattice ms per token max/min over contexts, B=1 (target <= 1.10)"] is not None

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lattice_plugin.kernels.elementwise import code_map
 from litgpt.config import Config
 from litgpt.generate.base import generate
 from litgpt.lora import mark_only_lora_as_trainable, merge_lora_weights
@@ -18,7 +19,6 @@ from lattice_plugin.config import LatticeConfig, parse_layer_spec
 from lattice_plugin.errors import LatticeCacheError, LatticeConfigError
 from lattice_plugin.inspect import build_meta_model, cache_bytes, compare_sizes, default_context_lengths
 from lattice_plugin.lora import LoRALatticeConfig, LoRALatticeGPT
-from lattice_plugin.kernels.elementwise import code_map
 from lattice_plugin.model import HeadwiseLinear, LatticeGPT, LatticeMixer
 from lattice_plugin.vocab import FEATURE_MAPS
 
@@ -239,7 +239,9 @@ def test_meta_device_init_resets_every_parameter():
 def test_lora_model_loads_base_weights_trains_only_lora_and_merges():
     base = LatticeGPT(tiny_config(lattice_layers="every:2"))
     lora_fields = dict(lora_r=4, lora_alpha=8, lora_query=True, lora_value=True, lora_projection=True, lora_mlp=True)
-    model = LoRALatticeGPT(LoRALatticeConfig(**{**TINY_MODEL, "lattice_chunk_size": 8, "lattice_layers": "every:2"}, **lora_fields))
+    model = LoRALatticeGPT(
+        LoRALatticeConfig(**{**TINY_MODEL, "lattice_chunk_size": 8, "lattice_layers": "every:2"}, **lora_fields)
+    )
     result = model.load_state_dict(base.state_dict(), strict=False)
     assert result.missing_keys and all("lora_" in key for key in result.missing_keys)
     assert not result.unexpected_keys
@@ -248,7 +250,9 @@ def test_lora_model_loads_base_weights_trains_only_lora_and_merges():
     mark_only_lora_as_trainable(model)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name for name in trainable)
-    assert any(".attn.qkv.lora_" in name and isinstance(model.transformer.h[1].attn, LatticeMixer) for name in trainable)
+    assert any(
+        ".attn.qkv.lora_" in name and isinstance(model.transformer.h[1].attn, LatticeMixer) for name in trainable
+    )
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from lattice_plugin.kernels.gates import slot_gates
 
 from lattice_plugin.errors import LatticeError
-from lattice_plugin.kernels.gates import slot_gates
 from lattice_plugin.ops import lattice_attention, lattice_step
 
 FLAGS = list(itertools.product((True, False), repeat=2))  # (orthogonal, normalize)

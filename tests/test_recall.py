@@ -21,13 +21,27 @@ from lattice_plugin.recall.task import FILLER, IGNORE, check_mqar, mqar_batch
 from lattice_plugin.recall.training import Schedule, train
 
 CPU = torch.device("cpu")
-TINY_SHAPE = ModelShape(vocab_size=64, block_size=24, n_layer=2, n_embd=16, n_head=2, intermediate_size=32, slots=6,
-                        chunk_size=8)
+TINY_SHAPE = ModelShape(
+    vocab_size=64, block_size=24, n_layer=2, n_embd=16, n_head=2, intermediate_size=32, slots=6, chunk_size=8
+)
 
 
 def tiny_mqar(**overrides) -> MQARSettings:
-    options = dict(pairs=[3], seq_len=16, slots=[4], lrs=[3e-3], steps=3, batch_size=4, vocab_size=32, n_embd=16,
-                   n_head=2, intermediate_size=32, chunk_size=8, eval_examples=4, eval_every=2)
+    options = dict(
+        pairs=[3],
+        seq_len=16,
+        slots=[4],
+        lrs=[3e-3],
+        steps=3,
+        batch_size=4,
+        vocab_size=32,
+        n_embd=16,
+        n_head=2,
+        intermediate_size=32,
+        chunk_size=8,
+        eval_examples=4,
+        eval_every=2,
+    )
     options.update(overrides)
     return MQARSettings(**options)
 
@@ -148,14 +162,25 @@ def test_finished_rows_are_skipped_and_new_ones_run(tmp_path, monkeypatch):
 
 def test_summary_takes_the_best_lr_and_marks_settings_where_attention_fails_invalid():
     def row(mixer, K, lr, accuracy, m=8):
-        return dict(key=dict(mixer=mixer, K=K, T=64, m=None if mixer == "attention" else m, lr=lr, seed=0, steps=10),
-                    accuracy=accuracy)
+        return dict(
+            key=dict(mixer=mixer, K=K, T=64, m=None if mixer == "attention" else m, lr=lr, seed=0, steps=10),
+            accuracy=accuracy,
+        )
 
-    rows = [row("attention", 4, 1e-3, 0.995), row("attention", 4, 1e-2, 0.2), row("attention", 8, 1e-3, 0.6),
-            row("lattice_exact", 4, 1e-3, 0.5), row("lattice_exact", 4, 1e-2, 0.7), row("lattice_exact", 8, 1e-3, 0.3),
-            dict(key=dict(mixer="gated_deltanet", K=4, T=64, m=8, lr=1e-3, seed=0, steps=10), accuracy=None,
-                 error="RuntimeError: refused on this GPU"),
-            dict(key=dict(mixer="lattice_exact", K=4, T=64, m=8, lr=1e-3, seed=0, steps=99), accuracy=0.99)]
+    rows = [
+        row("attention", 4, 1e-3, 0.995),
+        row("attention", 4, 1e-2, 0.2),
+        row("attention", 8, 1e-3, 0.6),
+        row("lattice_exact", 4, 1e-3, 0.5),
+        row("lattice_exact", 4, 1e-2, 0.7),
+        row("lattice_exact", 8, 1e-3, 0.3),
+        dict(
+            key=dict(mixer="gated_deltanet", K=4, T=64, m=8, lr=1e-3, seed=0, steps=10),
+            accuracy=None,
+            error="RuntimeError: refused on this GPU",
+        ),
+        dict(key=dict(mixer="lattice_exact", K=4, T=64, m=8, lr=1e-3, seed=0, steps=99), accuracy=0.99),
+    ]
     summary = summarize(rows)
     best = {(b["mixer"], b["setting"]["K"]): b for b in summary["best"] if b["setting"]["steps"] == 10}
     assert best["attention", 4]["lr"] == 1e-3 and best["lattice_exact", 4]["lr"] == 1e-2
@@ -168,12 +193,29 @@ def test_summary_takes_the_best_lr_and_marks_settings_where_attention_fails_inva
 
 
 def test_lm_rows_report_heldout_perplexity_and_speed(tiny_corpus, tmp_path):
-    settings = LMSettings(tokens=256, seq_len=16, batch_size=4, vocab_size=512, n_layer=1, n_embd=16, n_head=2,
-                          intermediate_size=32, slots=4, chunk_size=8)
+    settings = LMSettings(
+        tokens=256,
+        seq_len=16,
+        batch_size=4,
+        vocab_size=512,
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        intermediate_size=32,
+        slots=4,
+        chunk_size=8,
+    )
     (tmp_path / "work" / "tokenizer-512").parent.mkdir()
     (tmp_path / "work" / "tokenizer-512").symlink_to(tiny_corpus / "tokenizer")
-    results = run_lm(parse_mixers("attention,lattice_chunk"), settings, tmp_path / "lm.json", device=CPU,
-                     text_dir=tiny_corpus, work_dir=tmp_path / "work", echo=lambda _: None)
+    results = run_lm(
+        parse_mixers("attention,lattice_chunk"),
+        settings,
+        tmp_path / "lm.json",
+        device=CPU,
+        text_dir=tiny_corpus,
+        work_dir=tmp_path / "work",
+        echo=lambda _: None,
+    )
     assert [row["key"]["mixer"] for row in results.rows] == ["attention", "lattice_chunk"]
     for row in results.rows:
         assert 1 < row["heldout_ppl"] < 10 * 512 and row["heldout_tokens"] > 1000 and row["steps_done"] == 4
@@ -185,8 +227,23 @@ def test_passkey_scores_teacher_and_student_beyond_the_training_length(tmp_path)
     tokenizer = make_tokenizer(tmp_path / "tokenizer")
     teacher = make_checkpoint(tmp_path / "teacher", tokenizer, lattice_layers=None, block_size=32)
     student = make_checkpoint(tmp_path / "student", tokenizer, lattice_layers="all", block_size=32)
-    result = run_lattice("recall", "passkey", teacher, student, "--lengths", "16,40", "--items", "2", "--out",
-                         tmp_path / "pk" / "passkey.json", "--device", "cpu", "--dtype", "float32", cwd=tmp_path)
+    result = run_lattice(
+        "recall",
+        "passkey",
+        teacher,
+        student,
+        "--lengths",
+        "16,40",
+        "--items",
+        "2",
+        "--out",
+        tmp_path / "pk" / "passkey.json",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        cwd=tmp_path,
+    )
     report = json.loads((tmp_path / "pk" / "passkey.json").read_text())
     assert set(report["models"]) == {"teacher", "student"} and report["device"] == "cpu"
     for model in report["models"].values():
@@ -197,16 +254,20 @@ def test_passkey_scores_teacher_and_student_beyond_the_training_length(tmp_path)
     assert report["models"]["student"]["lattice_layers"] == [0, 1] and "| teacher | 32 |" in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["mqar", "--mixers", "nope"], "unknown mixer 'nope'"),
-    (["mqar", "--pairs", "128", "--seq-len", "256"], "too short for 128 pairs"),
-    (["lm", "--lrs", "fast"], "--lrs takes comma-separated floats"),
-    (["lm", "--lattice-backend", "cuda"], "lattice backend 'cuda'"),
-    (["mqar", "--shard", "4/4"], "I must be in 0..N-1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["mqar", "--mixers", "nope"], "unknown mixer 'nope'"),
+        (["mqar", "--pairs", "128", "--seq-len", "256"], "too short for 128 pairs"),
+        (["lm", "--lrs", "fast"], "--lrs takes comma-separated floats"),
+        (["lm", "--lattice-backend", "cuda"], "lattice backend 'cuda'"),
+        (["mqar", "--shard", "4/4"], "I must be in 0..N-1"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    result = run_lattice("recall", *args, "--results", tmp_path / "r.json", "--device", "cpu", cwd=tmp_path,
-                         check=False)
+    result = run_lattice(
+        "recall", *args, "--results", tmp_path / "r.json", "--device", "cpu", cwd=tmp_path, check=False
+    )
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r.json").exists()
 

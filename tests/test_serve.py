@@ -47,7 +47,10 @@ def lattice_generate(checkpoint: Path, prompt: str) -> str:
     """The continuation ``lattice generate`` prints (litgpt prints its arguments, then prompt + continuation)."""
     result = subprocess.run(
         [*LATTICE, "generate", checkpoint, "--prompt", prompt, "--max_new_tokens", str(MAX_NEW_TOKENS), *GREEDY],
-        capture_output=True, text=True, env=ENV, timeout=STARTUP_S,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=STARTUP_S,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     start = result.stdout.index("\n" + prompt) + 1 + len(prompt)
@@ -170,7 +173,10 @@ def _several_devices(checkpoint: Path, tmp_path: Path) -> list:
 def test_bad_input_is_one_line(checkpoints, tmp_path, make_args, message):
     result = subprocess.run(
         [*LATTICE, "serve", *make_args(checkpoints["lattice"], tmp_path), "--port", str(free_port())],
-        capture_output=True, text=True, env=ENV, timeout=STARTUP_S,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=STARTUP_S,
     )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr

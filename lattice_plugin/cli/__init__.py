@@ -38,7 +38,7 @@ def main() -> None:
     except LatticeError as error:
         print(f"lattice: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except SystemExit as exit_:
+    except SystemExit:
         if Terminated.received:
             print("lattice: stopped by SIGTERM", file=sys.stderr)
             raise SystemExit(128 + signal.SIGTERM) from None

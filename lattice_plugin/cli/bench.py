@@ -25,10 +25,14 @@ def bench(
     ),
     steps: int = typer.Option(5, help="with --train: timed steps per row (after 3 warm-up steps)"),
     model: bool = typer.Option(
-        False, "--model", help="time model-level generation instead: prefill and decode of a whole model, "
-        "all-Lattice beside attention and the hybrid"
+        False,
+        "--model",
+        help="time model-level generation instead: prefill and decode of a whole model, "
+        "all-Lattice beside attention and the hybrid",
     ),
-    checkpoint: Path = typer.Option(None, help="with --model: the shape of this checkpoint [default: the built-in 134M]"),
+    checkpoint: Path = typer.Option(
+        None, help="with --model: the shape of this checkpoint [default: the built-in 134M]"
+    ),
     batches: str = typer.Option("1,16,64", help="with --model: comma-separated batch sizes"),
     prompts: str = typer.Option("2048,8192,32768,131072", help="with --model: comma-separated prompt lengths"),
     name: str = typer.Option(
@@ -65,20 +69,32 @@ def bench(
         if steps < 1:
             raise LatticeError(f"--steps must be at least 1, got {steps}")
         results = run_train_bench(
-            out, seq_lens=ints(seq_lens, "seq-lens"), tokens=tokens or 16384, steps=steps, name=name,
+            out,
+            seq_lens=ints(seq_lens, "seq-lens"),
+            tokens=tokens or 16384,
+            steps=steps,
+            name=name,
             mixers=tuple(m.strip() for m in mixers.split(",") if m.strip()),
         )
         for row in results["model"]:
-            speed = f"{row['tokens_per_s'] / 1e3:.0f}k tokens/s, {row['peak_gib']:.1f} GiB" if "tokens_per_s" in row \
+            speed = (
+                f"{row['tokens_per_s'] / 1e3:.0f}k tokens/s, {row['peak_gib']:.1f} GiB"
+                if "tokens_per_s" in row
                 else row.get("error", "")
+            )
             typer.echo(f"{row['method']} T={row['T']}: {speed}")
     else:
         from lattice_plugin.bench import run_bench
 
         name = name or "bench"
         results = run_bench(
-            out, seq_lens=ints(seq_lens, "seq-lens"), tokens=tokens or 32768, slots=ints(slots, "slots"),
-            decode_contexts=ints(contexts, "contexts"), chunk_gates=chunk_gates, name=name,
+            out,
+            seq_lens=ints(seq_lens, "seq-lens"),
+            tokens=tokens or 32768,
+            slots=ints(slots, "slots"),
+            decode_contexts=ints(contexts, "contexts"),
+            chunk_gates=chunk_gates,
+            name=name,
         )
         for target, ratio in results["targets"].items():
             typer.echo(f"{target}: {'n/a' if ratio is None else f'{ratio:.2f}'}")

@@ -2,7 +2,6 @@
 tasks' data and YAMLs, for lm-eval's own command line)."""
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -42,31 +41,33 @@ def _data_config(p: dict):
 @app.command("eval")
 def eval_command(
     ctx: typer.Context,
-    checkpoint_dirs: Optional[list[Path]] = typer.Argument(
+    checkpoint_dirs: list[Path] | None = typer.Argument(
         None, help="Checkpoint directories (Lattice, hybrid or litgpt), compared side by side."
     ),
-    tasks: Optional[str] = typer.Option(
-        None, "--tasks", "-t",
+    tasks: str | None = typer.Option(
+        None,
+        "--tasks",
+        "-t",
         help="Comma-separated tasks, groups or tags: lattice_suite (all shipped), lattice_ppl, lattice_kv_recall, "
         "lattice_passkey, lattice_cloze, or stock lm-eval tasks whose data is available locally.",
     ),
-    config: Optional[Path] = typer.Option(
+    config: Path | None = typer.Option(
         None, "--config", help="YAML of option values (e.g. recipes/eval/*.yaml); flags given here win."
     ),
     out_dir: Path = typer.Option(Path("out/eval"), "--out", help="Output directory (results, summary, task data)."),
-    text: Optional[Path] = typer.Option(None, "--text", help=TEXT_HELP),
-    tasks_dir: Optional[Path] = typer.Option(
+    text: Path | None = typer.Option(None, "--text", help=TEXT_HELP),
+    tasks_dir: Path | None = typer.Option(
         None, "--tasks-dir", help="Use data written by `lattice eval-data` instead of generating it into OUT."
     ),
     include_path: list[Path] = typer.Option([], "--include-path", help="More lm-eval task YAML directories."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16."),
     batch_size: int = typer.Option(8, help="Requests per forward."),
-    max_length: Optional[int] = typer.Option(None, help="Context length in tokens (default: the model's block_size)."),
+    max_length: int | None = typer.Option(None, help="Context length in tokens (default: the model's block_size)."),
     max_gen_toks: int = typer.Option(256, help="Default generation budget when a task sets none."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Generate by full recomputation instead of the cache."),
-    limit: Optional[float] = typer.Option(None, help="Documents per task (an integer) or a fraction of them."),
-    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples (tasks' default when omitted)."),
+    limit: float | None = typer.Option(None, help="Documents per task (an integer) or a fraction of them."),
+    num_fewshot: int | None = typer.Option(None, help="Few-shot examples (tasks' default when omitted)."),
     bootstrap_iters: int = typer.Option(1000, help="Bootstrap iterations for the stderr of non-mean metrics."),
     seed: int = typer.Option(1234, help="Seed of the task data and of lm-eval."),
     log_samples: bool = typer.Option(False, "--log-samples", help="Write per-document outputs under OUT/samples."),
@@ -77,7 +78,7 @@ def eval_command(
     passkey_items: int = typer.Option(20, help="Passkey: prompts per length."),
     cloze_items: int = typer.Option(500, help="Cloze: questions (at most one per paragraph of the text)."),
     ppl_doc_chars: int = typer.Option(2000, help="Perplexity: characters per document (whole paragraphs)."),
-    ppl_max_docs: Optional[int] = typer.Option(None, help="Perplexity: at most this many documents."),
+    ppl_max_docs: int | None = typer.Option(None, help="Perplexity: at most this many documents."),
 ) -> None:
     """Run lm-eval offline on one or more checkpoints and print a side-by-side table (metric ± stderr); write
     OUT/results.json, OUT/lm-eval/<checkpoint>.json, OUT/summary.md and OUT/summary.png."""
@@ -114,7 +115,7 @@ def eval_command(
     run_eval(checkpoints, p["tasks"], Path(p["out_dir"]), settings, data_config, tasks_dir, echo=typer.echo)
 
 
-def _merge_config(ctx: typer.Context, config: Optional[Path]) -> dict:
+def _merge_config(ctx: typer.Context, config: Path | None) -> dict:
     """The command's parameters, with values from a YAML file where the command line left the default."""
     from lattice_plugin.errors import LatticeError
 
@@ -147,7 +148,7 @@ def _merge_config(ctx: typer.Context, config: Optional[Path]) -> dict:
 @app.command("eval-data")
 def eval_data_command(
     out_dir: Path = typer.Argument(..., help="Directory for data/, tasks/ (an lm-eval --include_path) and manifest."),
-    text: Optional[Path] = typer.Option(None, "--text", help=TEXT_HELP),
+    text: Path | None = typer.Option(None, "--text", help=TEXT_HELP),
     seed: int = typer.Option(1234, help="Seed of the generated data."),
     kv_pairs: int = typer.Option(8, help="Key-value recall: pairs per prompt."),
     kv_context_words: int = typer.Option(200, help="Key-value recall: prompt length in words (filler pads it)."),
@@ -156,7 +157,7 @@ def eval_data_command(
     passkey_items: int = typer.Option(20, help="Passkey: prompts per length."),
     cloze_items: int = typer.Option(500, help="Cloze: questions (at most one per paragraph of the text)."),
     ppl_doc_chars: int = typer.Option(2000, help="Perplexity: characters per document (whole paragraphs)."),
-    ppl_max_docs: Optional[int] = typer.Option(None, help="Perplexity: at most this many documents."),
+    ppl_max_docs: int | None = typer.Option(None, help="Perplexity: at most this many documents."),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT_DIR."),
 ) -> None:
     """Write the shipped tasks' data (deterministic, from local text) and their YAMLs with absolute paths, for

@@ -1,7 +1,6 @@
 """``lattice recall mqar | lm | passkey``: recall and language-modelling quality of Lattice against its peers."""
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -32,7 +31,7 @@ def _list(text: str, kind: type, name: str) -> list:
         raise LatticeError(f"--{name} takes comma-separated {kind.__name__}s, got {text!r}") from None
 
 
-def _device(name: Optional[str]):
+def _device(name: str | None):
     import torch
 
     from lattice_plugin.errors import LatticeError
@@ -77,27 +76,50 @@ def mqar(
     lattice_backend: str = typer.Option("auto", help="Lattice kernels: auto (Triton on CUDA), torch, triton."),
     eval_examples: int = typer.Option(1024, help="Held-out sequences scored per row."),
     eval_every: int = typer.Option(1000, help="Score the held-out sequences every this many steps (the curve)."),
-    stop_at: Optional[float] = typer.Option(None, help="End a row early once its accuracy reaches this."),
+    stop_at: float | None = typer.Option(None, help="End a row early once its accuracy reaches this."),
     results: Path = typer.Option(Path("reports/recall/mqar.json"), help="Rows (resumable); summary, .md, .png beside."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
-    budget_s: Optional[float] = typer.Option(None, help=BUDGET_HELP),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    budget_s: float | None = typer.Option(None, help=BUDGET_HELP),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Run again rows recorded as not measured."),
-    shard: str = typer.Option("0/1", help="I/N: run every N-th row from the I-th, so that N processes share one GPU "
-                              "and one results file (accuracy only: their tokens/s are not a speed measurement)."),
+    shard: str = typer.Option(
+        "0/1",
+        help="I/N: run every N-th row from the I-th, so that N processes share one GPU "
+        "and one results file (accuracy only: their tokens/s are not a speed measurement).",
+    ),
 ) -> None:
     """Multi-query associative recall (Zoology's MQAR): accuracy per mixer, K, m, learning rate and seed."""
     from lattice_plugin.recall.mixers import parse_mixers
     from lattice_plugin.recall.mqar import MQARSettings, run_mqar
 
     settings = MQARSettings(
-        pairs=_list(pairs, int, "pairs"), seq_len=seq_len or None, slots=_list(slots, int, "slots"),
-        lrs=_list(lrs, float, "lrs"), seeds=_list(seeds, int, "seeds"), steps=steps, batch_size=batch_size,
-        vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, intermediate_size=intermediate_size,
-        chunk_size=chunk_size, lattice_backend=lattice_backend, eval_examples=eval_examples, eval_every=eval_every,
+        pairs=_list(pairs, int, "pairs"),
+        seq_len=seq_len or None,
+        slots=_list(slots, int, "slots"),
+        lrs=_list(lrs, float, "lrs"),
+        seeds=_list(seeds, int, "seeds"),
+        steps=steps,
+        batch_size=batch_size,
+        vocab_size=vocab_size,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        intermediate_size=intermediate_size,
+        chunk_size=chunk_size,
+        lattice_backend=lattice_backend,
+        eval_examples=eval_examples,
+        eval_every=eval_every,
         stop_at=stop_at,
     )
-    run_mqar(parse_mixers(mixers), settings, results, device=_device(device), budget_s=budget_s,
-             retry_errors=retry_errors, shard=_shard(shard), echo=typer.echo)
+    run_mqar(
+        parse_mixers(mixers),
+        settings,
+        results,
+        device=_device(device),
+        budget_s=budget_s,
+        retry_errors=retry_errors,
+        shard=_shard(shard),
+        echo=typer.echo,
+    )
     typer.echo(results.with_suffix(".md").read_text(encoding="utf-8") if results.with_suffix(".md").exists() else "")
     typer.echo(f"rows: {results}; summary: {results.with_suffix('')}.summary.json, .md, .png")
 
@@ -119,13 +141,11 @@ def lm(
     chunk_size: int = typer.Option(64, help="Lattice chunk size."),
     lattice_backend: str = typer.Option("auto", help="Lattice kernels: auto (Triton on CUDA), torch, triton."),
     eval_every: int = typer.Option(0, help="Score the held-out text every this many steps (0: only at the end)."),
-    text: Optional[Path] = typer.Option(
-        None, help="Folder with train/*.txt and val/*.txt (default: the shipped text)."
-    ),
+    text: Path | None = typer.Option(None, help="Folder with train/*.txt and val/*.txt (default: the shipped text)."),
     work: Path = typer.Option(Path("out/recall-lm"), help="Folder for the tokenizer (trained once)."),
     results: Path = typer.Option(Path("reports/recall/lm.json"), help="Rows (resumable); summary, .md, .png beside."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
-    budget_s: Optional[float] = typer.Option(None, help=BUDGET_HELP),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    budget_s: float | None = typer.Option(None, help=BUDGET_HELP),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Run again rows recorded as not measured."),
 ) -> None:
     """Small language model per mixer on the same tokens: held-out perplexity and training tokens/s."""
@@ -133,13 +153,32 @@ def lm(
     from lattice_plugin.recall.mixers import parse_mixers
 
     settings = LMSettings(
-        tokens=tokens, seq_len=seq_len, batch_size=batch_size, lrs=_list(lrs, float, "lrs"),
-        seeds=_list(seeds, int, "seeds"), vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-        intermediate_size=intermediate_size, slots=slots, chunk_size=chunk_size, lattice_backend=lattice_backend,
+        tokens=tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        lrs=_list(lrs, float, "lrs"),
+        seeds=_list(seeds, int, "seeds"),
+        vocab_size=vocab_size,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        intermediate_size=intermediate_size,
+        slots=slots,
+        chunk_size=chunk_size,
+        lattice_backend=lattice_backend,
         eval_every=eval_every,
     )
-    run_lm(parse_mixers(mixers), settings, results, device=_device(device), text_dir=text, work_dir=work,
-           budget_s=budget_s, retry_errors=retry_errors, echo=typer.echo)
+    run_lm(
+        parse_mixers(mixers),
+        settings,
+        results,
+        device=_device(device),
+        text_dir=text,
+        work_dir=work,
+        budget_s=budget_s,
+        retry_errors=retry_errors,
+        echo=typer.echo,
+    )
     typer.echo(results.with_suffix(".md").read_text(encoding="utf-8") if results.with_suffix(".md").exists() else "")
     typer.echo(f"rows: {results}; summary: {results.with_suffix('')}.summary.json, .md, .png")
 
@@ -150,7 +189,7 @@ def passkey(
     lengths: str = typer.Option("128,256,512,1024,2048", help="Prompt lengths in words (about 1.3 tokens each)."),
     items: int = typer.Option(20, help="Prompts per length."),
     out: Path = typer.Option(Path("reports/recall/passkey.json"), help="JSON results; .md and .png beside."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16."),
     batch_size: int = typer.Option(8, help="Prompts per forward."),
     seed: int = typer.Option(1234, help="Seed of the prompts and of lm-eval."),
@@ -159,7 +198,16 @@ def passkey(
     from lattice_plugin.evaluation.runner import checkpoint_labels
     from lattice_plugin.recall.passkey import run_passkey, table
 
-    report = run_passkey(checkpoint_labels(checkpoint_dirs), _list(lengths, int, "lengths"), out, items=items,
-                         device=_device(device), dtype=dtype, batch_size=batch_size, seed=seed, echo=typer.echo)
+    report = run_passkey(
+        checkpoint_labels(checkpoint_dirs),
+        _list(lengths, int, "lengths"),
+        out,
+        items=items,
+        device=_device(device),
+        dtype=dtype,
+        batch_size=batch_size,
+        seed=seed,
+        echo=typer.echo,
+    )
     typer.echo(table(report))
     typer.echo(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")

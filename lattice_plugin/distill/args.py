@@ -289,11 +289,23 @@ def validate(config: DistillConfig) -> None:
     _check(stage2.temperature > 0, f"stage2.temperature must be > 0, got {stage2.temperature!r}")
     _check(stage2.kl_weight >= 0 and stage2.ce_weight >= 0, "stage2.kl_weight and stage2.ce_weight must be >= 0")
     _check(stage2.kl_weight > 0 or stage2.ce_weight > 0, "stage2.kl_weight and stage2.ce_weight are both 0")
-    _check(stage2.trainable in TRAINABLE, f"stage2.trainable must be one of {', '.join(TRAINABLE)}; got {stage2.trainable!r}")
+    _check(
+        stage2.trainable in TRAINABLE,
+        f"stage2.trainable must be one of {', '.join(TRAINABLE)}; got {stage2.trainable!r}",
+    )
     if "lora" in stage2.trainable:
         _positive_int(stage2.lora_r, "stage2.lora_r")
         _check(
-            any((stage2.lora_query, stage2.lora_key, stage2.lora_value, stage2.lora_projection, stage2.lora_mlp, stage2.lora_head)),
+            any(
+                (
+                    stage2.lora_query,
+                    stage2.lora_key,
+                    stage2.lora_value,
+                    stage2.lora_projection,
+                    stage2.lora_mlp,
+                    stage2.lora_head,
+                )
+            ),
             "stage2.trainable uses LoRA but every stage2.lora_* target is off",
         )
     evaluation = config.eval
@@ -308,7 +320,9 @@ def validate(config: DistillConfig) -> None:
         config.precision is None or config.precision in PRECISIONS,
         f"precision must be one of {', '.join(PRECISIONS)}; got {config.precision!r}",
     )
-    _check(config.logger_name in LOGGERS, f"logger_name must be one of {', '.join(LOGGERS)}; got {config.logger_name!r}")
+    _check(
+        config.logger_name in LOGGERS, f"logger_name must be one of {', '.join(LOGGERS)}; got {config.logger_name!r}"
+    )
     _positive_int(config.num_nodes, "num_nodes")
     _check(
         config.devices == "auto" or (isinstance(config.devices, int) and config.devices >= 1),
@@ -317,7 +331,9 @@ def validate(config: DistillConfig) -> None:
     if config.data is not None:
         from litgpt.data import DataModule
 
-        _check(isinstance(config.data, DataModule), f"data must be a litgpt data module, got {type(config.data).__name__}")
+        _check(
+            isinstance(config.data, DataModule), f"data must be a litgpt data module, got {type(config.data).__name__}"
+        )
 
 
 def build_parser():
@@ -355,7 +371,12 @@ def parse(argv: list[str]) -> DistillConfig:
             raise
         raise LatticeError(f"bad recipe or flag: {summarize_error(str(error))}") from None
     values = {name: namespace.get(name) for name in DistillConfig.__dataclass_fields__}
-    for name, cls in (("train", TrainArgs), ("stage1", AttentionTransferArgs), ("stage2", LogitDistillArgs), ("eval", EvalArgs)):
+    for name, cls in (
+        ("train", TrainArgs),
+        ("stage1", AttentionTransferArgs),
+        ("stage2", LogitDistillArgs),
+        ("eval", EvalArgs),
+    ):
         value = values[name]
         if not isinstance(value, cls):  # a Namespace when jsonargparse did not instantiate the group
             value = cls(**(value.as_dict() if hasattr(value, "as_dict") else dict(value)))
@@ -398,7 +419,17 @@ def summarize_error(message: str) -> str:
     specific = [
         line.lstrip("- ")
         for line in lines[1:]
-        if any(marker in line for marker in ("not expected", "does not accept", "is required", "Expected a", "does not exist", "Got value"))
+        if any(
+            marker in line
+            for marker in (
+                "not expected",
+                "does not accept",
+                "is required",
+                "Expected a",
+                "does not exist",
+                "Got value",
+            )
+        )
         and "NoneType" not in line
     ]
     if specific:

@@ -189,7 +189,9 @@ def read_training_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(str(path / STATE_FILE), map_location="cpu", weights_only=True, mmap=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        raise LatticeError(f"cannot read {str(path / STATE_FILE)!r} (corrupted checkpoint?): {first_line(error)}") from None
+        raise LatticeError(
+            f"cannot read {str(path / STATE_FILE)!r} (corrupted checkpoint?): {first_line(error)}"
+        ) from None
     required = ("format", "stage", "step", "optimizer", "scheduler", "data", "rng", "history")
     if not isinstance(state, dict) or any(key not in state for key in required):
         raise LatticeError(f"{str(path / STATE_FILE)!r} is not a lattice distill training state")

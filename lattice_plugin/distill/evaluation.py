@@ -34,12 +34,19 @@ def whole_split(loader: Any) -> Any:
     if not isinstance(loader, StreamingDataLoader) or not isinstance(dataset, StreamingDataset):
         return loader
     dataset.set_drop_last(False)
-    return StreamingDataLoader(dataset, batch_size=loader.batch_size, num_workers=loader.num_workers,
-                               pin_memory=loader.pin_memory, drop_last=False)
+    return StreamingDataLoader(
+        dataset,
+        batch_size=loader.batch_size,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        drop_last=False,
+    )
 
 
 @torch.no_grad()
-def heldout_loss(fabric: Any, model: Any, loader: Any, max_iters: int | None, autocast: bool = True) -> dict[str, float]:
+def heldout_loss(
+    fabric: Any, model: Any, loader: Any, max_iters: int | None, autocast: bool = True
+) -> dict[str, float]:
     """Mean next-token cross-entropy over the first ``max_iters`` batches of every rank (None: all), its perplexity
     and the number of tokens scored (all ranks). The result does not depend on the number of ranks."""
     loader = whole_split(loader)
@@ -120,7 +127,12 @@ def decode_speed(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, 
     finally:
         model.clear_kv_cache()
     steps = max(new_tokens - 1, 1)
-    return {"tokens_per_sec": steps / seconds, "new_tokens": new_tokens, "prompt_tokens": prompt.numel(), "tokens": tokens}
+    return {
+        "tokens_per_sec": steps / seconds,
+        "new_tokens": new_tokens,
+        "prompt_tokens": prompt.numel(),
+        "tokens": tokens,
+    }
 
 
 def _synchronize(device: torch.device) -> None:

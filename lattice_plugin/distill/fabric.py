@@ -39,7 +39,9 @@ def build_fabric(config: DistillConfig):
     try:
         return L.Fabric(devices=config.devices, num_nodes=config.num_nodes, strategy=strategy, precision=precision)
     except (ValueError, RuntimeError) as error:  # e.g. FSDP or more devices than there are
-        raise LatticeError(f"cannot set up {config.devices} device(s) with strategy {config.strategy!r}: {error}") from None
+        raise LatticeError(
+            f"cannot set up {config.devices} device(s) with strategy {config.strategy!r}: {error}"
+        ) from None
 
 
 def teacher_dtype(fabric: Any) -> torch.dtype:

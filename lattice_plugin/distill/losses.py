@@ -81,7 +81,7 @@ class AttentionTransfer:
         self.losses: list[torch.Tensor] = []
         self.handles: list = []
 
-    def __enter__(self) -> "AttentionTransfer":
+    def __enter__(self) -> AttentionTransfer:
         self.handles = [mixer.register_forward_hook(self._hook) for mixer in self.mixers]
         return self
 

@@ -151,7 +151,11 @@ def print_summary(report: dict[str, Any]) -> None:
     from lattice_plugin.inspect import format_bytes
 
     rows = [("teacher (attention)", "teacher"), ("converted, before distillation", "converted")]
-    rows += [(f"after stage {s[-1]} ({STAGE_NAMES[int(s[-1])]})", s) for s in ("stage1", "stage2") if s in report["perplexity"]]
+    rows += [
+        (f"after stage {s[-1]} ({STAGE_NAMES[int(s[-1])]})", s)
+        for s in ("stage1", "stage2")
+        if s in report["perplexity"]
+    ]
     print("\nheld-out perplexity (" + report["heldout"]["text"] + f", {report['heldout']['tokens']:,} tokens)")
     for label, key in rows:
         print(f"  {label:<42} {report['perplexity'][key]:10.2f}")
@@ -163,5 +167,7 @@ def print_summary(report: dict[str, Any]) -> None:
         )
     if "decode" in report and "teacher_tokens_per_sec" in report["decode"]:
         d = report["decode"]
-        print(f"  decode (batch 1, greedy): teacher {d['teacher_tokens_per_sec']:.1f} tok/s, student {d['student_tokens_per_sec']:.1f} tok/s")
+        print(
+            f"  decode (batch 1, greedy): teacher {d['teacher_tokens_per_sec']:.1f} tok/s, student {d['student_tokens_per_sec']:.1f} tok/s"
+        )
     print(f"  final student: {report['final_dir']}")

@@ -102,7 +102,14 @@ class Stage:
     """One stage's training loop: state, optimizer, data position, logging, checkpoints."""
 
     def __init__(self, fabric: Any, config: DistillConfig, stage: int, data: Any, teacher: Any, seq_len: int) -> None:
-        self.fabric, self.config, self.stage, self.data, self.teacher, self.seq_len = fabric, config, stage, data, teacher, seq_len
+        self.fabric, self.config, self.stage, self.data, self.teacher, self.seq_len = (
+            fabric,
+            config,
+            stage,
+            data,
+            teacher,
+            seq_len,
+        )
         self.args = config.stage1 if stage == 1 else config.stage2
         self.trainable = "lattice" if stage == 1 else self.args.trainable
         train = config.train
@@ -199,13 +206,22 @@ class Stage:
         model = fabric.setup_module(model)
         params = [p for p in model.parameters() if p.requires_grad]
         extra = {"fused": True} if fabric.device.type == "cuda" else {}
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas), **extra)
+        optimizer = torch.optim.AdamW(
+            params, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas), **extra
+        )
         optimizer = fabric.setup_optimizers(optimizer)
         raw_optimizer = optimizer.optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(raw_optimizer, lr_lambda(args, self.max_steps))
         loader = self.data.train_dataloader()
 
-        progress: dict[str, Any] = {"step": 0, "tokens": 0, "train_seconds": 0.0, "history": [], "val_history": [], "metrics": {}}
+        progress: dict[str, Any] = {
+            "step": 0,
+            "tokens": 0,
+            "train_seconds": 0.0,
+            "history": [],
+            "val_history": [],
+            "metrics": {},
+        }
         if state is not None:
             from lattice_plugin.distill.checkpointing import load_optimizer_state
 
@@ -219,8 +235,11 @@ class Stage:
             self.log(f"resumed stage {stage} from {checkpoint} at step {progress['step']}")
         iterator = CycleIterator(loader)
         logger = choose_logger(
-            config.logger_name, stage_dir(config.out_dir, stage), name=f"distill-stage{stage}",
-            log_interval=config.train.log_interval, resume=state is not None,
+            config.logger_name,
+            stage_dir(config.out_dir, stage),
+            name=f"distill-stage{stage}",
+            log_interval=config.train.log_interval,
+            resume=state is not None,
         )
 
         val_loader = self.data.val_dataloader
@@ -266,7 +285,9 @@ class Stage:
                 bar.advance()
                 step = progress["step"]
                 if step % config.train.log_interval == 0 or step == self.max_steps:
-                    logger.log_metrics({**record, "step_time": dt, "tokens_per_sec": self.tokens_per_step / dt}, step=step)
+                    logger.log_metrics(
+                        {**record, "step_time": dt, "tokens_per_sec": self.tokens_per_step / dt}, step=step
+                    )
                     extras = " ".join(f"{k} {record[k]:.4f}" for k in keys if k != "loss")
                     bar.print(
                         f"stage {stage} | step {step}/{self.max_steps} | loss {record['loss']:.4f} | {extras} | "
@@ -276,7 +297,9 @@ class Stage:
                     val = heldout_loss(fabric, model, val_loader(), config.eval.max_iters)
                     progress["val_history"].append({"step": step, **val})
                     logger.log_metrics({"val_loss": val["loss"], "val_ppl": val["ppl"]}, step=step)
-                    bar.print(f"stage {stage} | step {step} | validation loss {val['loss']:.4f}, perplexity {val['ppl']:.2f}")
+                    bar.print(
+                        f"stage {stage} | step {step} | validation loss {val['loss']:.4f}, perplexity {val['ppl']:.2f}"
+                    )
                 if config.train.save_interval and step % config.train.save_interval == 0 and step < self.max_steps:
                     path = self.save_step(model, optimizer, scheduler, loader, progress, model_config)
                     bar.print(f"stage {stage} | step {step} | saved {path}")
@@ -338,7 +361,9 @@ class Stage:
             prune_checkpoints(config.out_dir, self.stage, config.train.keep_last)
         return path
 
-    def write_final(self, model: Any, model_config: Any, base_config: Any, init_dir: Path, report: dict, names: list) -> None:
+    def write_final(
+        self, model: Any, model_config: Any, base_config: Any, init_dir: Path, report: dict, names: list
+    ) -> None:
         """The stage's student as a normal checkpoint directory (LoRA merged), with its stage report."""
         from litgpt.utils import save_config
 
@@ -369,15 +394,26 @@ class _Bar:
         self.progress = None
         if fabric.is_global_zero and sys.stderr.isatty():
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TimeRemainingColumn(), console=Console(stderr=True),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
             )
             self.task = self.progress.add_task(title, total=total, completed=completed)
 
-    def __enter__(self) -> "_Bar":
+    def __enter__(self) -> _Bar:
         if self.progress is not None:
             self.progress.start()
         return self

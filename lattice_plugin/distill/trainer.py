@@ -69,7 +69,9 @@ def check_pair(teacher_config: Any, student_config: Any, teacher_dir: Path, stud
             f"({teacher_config.padded_vocab_size} vs {student_config.padded_vocab_size})"
         )
     if teacher_config.n_layer != student_config.n_layer or teacher_config.n_embd != student_config.n_embd:
-        raise LatticeError(f"{str(student_dir)!r} is not a conversion of {str(teacher_dir)!r} (layer count or width differ)")
+        raise LatticeError(
+            f"{str(student_dir)!r} is not a conversion of {str(teacher_dir)!r} (layer count or width differ)"
+        )
 
 
 def plan_resume(config: DistillConfig) -> tuple[int, Path | None]:
@@ -125,7 +127,9 @@ def prepare_data(fabric: Any, config: DistillConfig, seq_len: int) -> Any:
     from litgpt import Tokenizer
 
     if config.data is None:
-        raise LatticeError("no data: set data (e.g. class_path litgpt.data.TextFiles with train_data_path/val_data_path)")
+        raise LatticeError(
+            "no data: set data (e.g. class_path litgpt.data.TextFiles with train_data_path/val_data_path)"
+        )
     data = config.data
     tokenizer = Tokenizer(config.student_dir)
     data.connect(tokenizer=tokenizer, batch_size=config.train.micro_batch_size, max_seq_length=seq_len)

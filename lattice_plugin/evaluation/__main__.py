@@ -15,9 +15,9 @@ import sys
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import lattice_plugin.evaluation.lm  # noqa: F401  (registers "lattice" after lm-eval's own models)
     from lm_eval.__main__ import cli_evaluate
 
+    import lattice_plugin.evaluation.lm  # noqa: F401  (registers "lattice" after lm-eval's own models)
     from lattice_plugin.errors import LatticeError
 
     try:

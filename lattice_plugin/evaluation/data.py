@@ -202,9 +202,7 @@ def make_cloze_docs(text: str, config: TaskDataConfig) -> list[dict]:
             continue
         cut = rng.choice(candidates)
         answer = words[cut]
-        pool = [
-            w for n in range(len(answer) - 2, len(answer) + 3) for w in by_length.get(n, []) if w != answer.lower()
-        ]
+        pool = [w for n in range(len(answer) - 2, len(answer) + 3) for w in by_length.get(n, []) if w != answer.lower()]
         if len(pool) < 3:
             pool = [w for w in vocabulary if w != answer.lower()]
         distractors = rng.sample(pool, 3)

@@ -178,8 +178,8 @@ class LatticeLM(TemplateLM):
         self.batch_size = _as_batch_size(batch_size, max_batch_size)
         self.max_gen_toks = int(max_gen_toks)
         self.use_cache = _as_bool(use_cache, "use_cache")
-        self.add_bos_token = tokenizer.use_bos if add_bos_token in (None, "", "None") else _as_bool(
-            add_bos_token, "add_bos_token"
+        self.add_bos_token = (
+            tokenizer.use_bos if add_bos_token in (None, "", "None") else _as_bool(add_bos_token, "add_bos_token")
         )
         if self.add_bos_token and tokenizer.bos_id is None:
             raise LatticeError("add_bos_token is set but the tokenizer defines no BOS token")
@@ -223,9 +223,9 @@ class LatticeLM(TemplateLM):
             "model_dtype": str(self._dtype).removeprefix("torch."),
             "n_layer": config.n_layer,
             "lattice_layers": lattice_layers,
-            "architecture": "lattice" if len(lattice_layers) == config.n_layer else (
-                "hybrid" if lattice_layers else "transformer"
-            ),
+            "architecture": "lattice"
+            if len(lattice_layers) == config.n_layer
+            else ("hybrid" if lattice_layers else "transformer"),
             "max_length": self._max_length,
         }
 

@@ -16,7 +16,6 @@ from typing import Any
 from lattice_plugin.checkpoint import atomic_write
 
 
-
 @dataclass
 class Row:
     task: str

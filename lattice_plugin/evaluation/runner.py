@@ -144,7 +144,7 @@ def _data_requirements(manager, name: str, depth: int = 0) -> list[str]:
         return sorted({need for member in members for need in _data_requirements(manager, member, depth + 1)})
     try:
         cfg = entry.cfg or (load_yaml(entry.yaml_path, resolve_func=False, recursive=True) if entry.yaml_path else {})
-    except Exception:  # noqa: BLE001 - a best-effort description of an error
+    except Exception:
         cfg = {}
     if entry.kind == Kind.GROUP:
         children = [c for c in cfg.get("task", []) if isinstance(c, str)]
@@ -165,7 +165,7 @@ def check_task_data(manager, names: list[str]) -> None:
     for name in names:
         try:
             manager.load([name])
-        except Exception as error:  # noqa: BLE001 - any failure to build the task is reported the same way
+        except Exception as error:
             needs = _data_requirements(manager, name)
             cause = first_line(error)[:300]
             what = "; ".join(needs[:5]) + (" ..." if len(needs) > 5 else "") if needs else "data that is not here"
@@ -183,8 +183,8 @@ def check_task_data(manager, names: list[str]) -> None:
                 example = f"datasets.load_dataset({path!r}" + (f", {config.rstrip(')')!r})" if config else ")")
             raise LatticeError(
                 f"task {name!r} cannot load its data offline ({type(error).__name__}: {cause}). It needs {what}. "
-                f"Nothing is downloaded at run time: fetch it once where there is network (python -c \"import "
-                f"datasets; {example}\"), copy the Hugging Face cache to this machine ({cache}), or run the "
+                f'Nothing is downloaded at run time: fetch it once where there is network (python -c "import '
+                f'datasets; {example}"), copy the Hugging Face cache to this machine ({cache}), or run the '
                 f"shipped tasks ({SUITE_TAG})"
             ) from None
 

@@ -39,21 +39,33 @@ def build_fla_layer(kind: str, hidden_size: int, n_head: int, head_size: int, sl
         from fla.layers import GatedLinearAttention
 
         return GatedLinearAttention(
-            mode="chunk", hidden_size=hidden_size, expand_k=n_head * slots / hidden_size,
-            expand_v=n_head * head_size / hidden_size, num_heads=n_head, layer_idx=layer_idx,
+            mode="chunk",
+            hidden_size=hidden_size,
+            expand_k=n_head * slots / hidden_size,
+            expand_v=n_head * head_size / hidden_size,
+            num_heads=n_head,
+            layer_idx=layer_idx,
         )
     if kind == "deltanet":
         from fla.layers import DeltaNet
 
         return DeltaNet(
-            mode="chunk", hidden_size=hidden_size, expand_k=n_head * slots / hidden_size,
-            expand_v=n_head * head_size / hidden_size, num_heads=n_head, layer_idx=layer_idx,
+            mode="chunk",
+            hidden_size=hidden_size,
+            expand_k=n_head * slots / hidden_size,
+            expand_v=n_head * head_size / hidden_size,
+            num_heads=n_head,
+            layer_idx=layer_idx,
         )
     if kind == "gated_deltanet":
         from fla.layers import GatedDeltaNet
 
         return GatedDeltaNet(
-            mode="chunk", hidden_size=hidden_size, head_dim=slots, expand_v=head_size / slots, num_heads=n_head,
+            mode="chunk",
+            hidden_size=hidden_size,
+            head_dim=slots,
+            expand_v=head_size / slots,
+            num_heads=n_head,
             layer_idx=layer_idx,
         )
     raise LatticeError(f"unknown FLA layer {kind!r}; choose one of {', '.join(FLA_LAYERS)}")

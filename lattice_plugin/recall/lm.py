@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from lattice_plugin.checkpoint import atomic_write
-from lattice_plugin.vocab import BACKENDS
 from lattice_plugin.corpus import shipped_corpus, train_tokenizer
 from lattice_plugin.errors import LatticeError
 from lattice_plugin.recall.mixers import (
@@ -31,6 +30,7 @@ from lattice_plugin.recall.mixers import (
 )
 from lattice_plugin.recall.results import ResultsFile, pyplot, run_pending, write_png
 from lattice_plugin.recall.training import Schedule, autocast, train
+from lattice_plugin.vocab import BACKENDS
 
 EXPERIMENT = "lm"
 
@@ -64,8 +64,15 @@ class LMSettings:
         return max(1, self.tokens // (self.batch_size * self.seq_len))
 
     def check(self) -> None:
-        positive = dict(tokens=self.tokens, seq_len=self.seq_len, batch_size=self.batch_size, n_layer=self.n_layer,
-                        n_embd=self.n_embd, n_head=self.n_head, slots=self.slots)
+        positive = dict(
+            tokens=self.tokens,
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            n_layer=self.n_layer,
+            n_embd=self.n_embd,
+            n_head=self.n_head,
+            slots=self.slots,
+        )
         bad = [name for name, value in positive.items() if value < 1] + [f"lr={lr}" for lr in self.lrs if not lr > 0]
         bad += [] if self.lattice_backend in BACKENDS else [f"lattice backend {self.lattice_backend!r}"]
         if bad or not (self.lrs and self.seeds):
@@ -93,8 +100,9 @@ def corpus_tokens(text_dir: Path, work_dir: Path, vocab_size: int) -> tuple[torc
 
 
 @torch.no_grad()
-def heldout_perplexity(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int, batch_size: int,
-                       device: torch.device) -> tuple[float, int]:
+def heldout_perplexity(
+    model: torch.nn.Module, tokens: torch.Tensor, seq_len: int, batch_size: int, device: torch.device
+) -> tuple[float, int]:
     """Perplexity over consecutive ``seq_len`` windows of ``tokens`` (the last partial window dropped) and the number
     of tokens scored."""
     model.eval()
@@ -114,18 +122,48 @@ def heldout_perplexity(model: torch.nn.Module, tokens: torch.Tensor, seq_len: in
 
 def row_key(mixer: Mixer, lr: float, seed: int, s: LMSettings, text: str) -> dict[str, Any]:
     return dict(
-        mixer=mixer.name, lr=lr, seed=seed, m=s.slots if mixer.has_state else None, tokens=s.tokens,
-        steps=s.steps, seq_len=s.seq_len, batch_size=s.batch_size, vocab_size=s.vocab_size, n_layer=s.n_layer,
-        n_embd=s.n_embd, n_head=s.n_head, intermediate_size=s.intermediate_size, chunk_size=s.chunk_size,
+        mixer=mixer.name,
+        lr=lr,
+        seed=seed,
+        m=s.slots if mixer.has_state else None,
+        tokens=s.tokens,
+        steps=s.steps,
+        seq_len=s.seq_len,
+        batch_size=s.batch_size,
+        vocab_size=s.vocab_size,
+        n_layer=s.n_layer,
+        n_embd=s.n_embd,
+        n_head=s.n_head,
+        intermediate_size=s.intermediate_size,
+        chunk_size=s.chunk_size,
         lattice_backend=s.lattice_backend,
-        warmup_fraction=s.warmup_fraction, weight_decay=s.weight_decay, text=text,
+        warmup_fraction=s.warmup_fraction,
+        weight_decay=s.weight_decay,
+        text=text,
     )
 
 
-def run_row(mixer: Mixer, lr: float, seed: int, s: LMSettings, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
-            device: torch.device, echo: Callable[[str], None]) -> dict[str, Any]:
-    shape = ModelShape(s.vocab_size, s.seq_len, s.n_layer, s.n_embd, s.n_head, s.intermediate_size, s.slots,
-                       s.chunk_size, s.lattice_backend)
+def run_row(
+    mixer: Mixer,
+    lr: float,
+    seed: int,
+    s: LMSettings,
+    train_tokens: torch.Tensor,
+    val_tokens: torch.Tensor,
+    device: torch.device,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    shape = ModelShape(
+        s.vocab_size,
+        s.seq_len,
+        s.n_layer,
+        s.n_embd,
+        s.n_head,
+        s.intermediate_size,
+        s.slots,
+        s.chunk_size,
+        s.lattice_backend,
+    )
     torch.manual_seed(seed)
     model = build_model(mixer, shape).to(device)
     generator = torch.Generator().manual_seed(seed)
@@ -140,17 +178,32 @@ def run_row(mixer: Mixer, lr: float, seed: int, s: LMSettings, train_tokens: tor
     def score() -> float:
         return -heldout_perplexity(model, val_tokens, s.seq_len, s.batch_size, device)[0]
 
-    schedule = Schedule(lr=lr, steps=s.steps, warmup_fraction=s.warmup_fraction, weight_decay=s.weight_decay,
-                        betas=(0.9, 0.95))
-    run = train(model, next_batch, schedule, device, evaluate=score, eval_every=s.eval_every,
-                log_every=max(1, s.steps // 20), echo=echo, label=f"{mixer.name} lr={lr:g} seed={seed}")
+    schedule = Schedule(
+        lr=lr, steps=s.steps, warmup_fraction=s.warmup_fraction, weight_decay=s.weight_decay, betas=(0.9, 0.95)
+    )
+    run = train(
+        model,
+        next_batch,
+        schedule,
+        device,
+        evaluate=score,
+        eval_every=s.eval_every,
+        log_every=max(1, s.steps // 20),
+        echo=echo,
+        label=f"{mixer.name} lr={lr:g} seed={seed}",
+    )
     for point in run["curve"]:
         if "score" in point:
             point["heldout_ppl"] = -point.pop("score")
     ppl, scored = heldout_perplexity(model, val_tokens, s.seq_len, s.batch_size, device)
-    return dict(heldout_ppl=ppl, heldout_tokens=scored, train_tokens=len(train_tokens),
-                parameters=sum(p.numel() for p in model.parameters()),
-                state_per_head=state_numbers_per_head(mixer, shape), **run)
+    return dict(
+        heldout_ppl=ppl,
+        heldout_tokens=scored,
+        train_tokens=len(train_tokens),
+        parameters=sum(p.numel() for p in model.parameters()),
+        state_per_head=state_numbers_per_head(mixer, shape),
+        **run,
+    )
 
 
 def run_lm(
@@ -168,20 +221,35 @@ def run_lm(
     settings.check()
     text_dir = Path(text_dir) if text_dir is not None else shipped_corpus()
     train_tokens, val_tokens, tokenizer_dir = corpus_tokens(text_dir, Path(work_dir), settings.vocab_size)
-    echo(f"text {text_dir}: {len(train_tokens):,} training and {len(val_tokens):,} held-out tokens "
-         f"(tokenizer {tokenizer_dir}); {settings.steps} steps of {settings.batch_size} x {settings.seq_len} tokens")
+    echo(
+        f"text {text_dir}: {len(train_tokens):,} training and {len(val_tokens):,} held-out tokens "
+        f"(tokenizer {tokenizer_dir}); {settings.steps} steps of {settings.batch_size} x {settings.seq_len} tokens"
+    )
     text = "shipped" if text_dir == shipped_corpus() else str(text_dir)
     results = ResultsFile(results_path, EXPERIMENT)
     jobs = (
-        (mixer.name, row_key(mixer, lr, seed, settings, text),
-         lambda mixer=mixer, lr=lr, seed=seed: run_row(mixer, lr, seed, settings, train_tokens, val_tokens, device,
-                                                       echo))
-        for mixer in mixers for lr in settings.lrs for seed in settings.seeds
+        (
+            mixer.name,
+            row_key(mixer, lr, seed, settings, text),
+            lambda mixer=mixer, lr=lr, seed=seed: run_row(
+                mixer, lr, seed, settings, train_tokens, val_tokens, device, echo
+            ),
+        )
+        for mixer in mixers
+        for lr in settings.lrs
+        for seed in settings.seeds
     )
-    run_pending(results, jobs, device=device, budget_s=budget_s, retry_errors=retry_errors, echo=echo,
-                on_row=lambda: write_summary(results, results_path),
-                unavailable=lambda name: unavailable_reason(MIXERS[name]),
-                external=lambda name: MIXERS[name].fla is not None)
+    run_pending(
+        results,
+        jobs,
+        device=device,
+        budget_s=budget_s,
+        retry_errors=retry_errors,
+        echo=echo,
+        on_row=lambda: write_summary(results, results_path),
+        unavailable=lambda name: unavailable_reason(MIXERS[name]),
+        external=lambda name: MIXERS[name].fla is not None,
+    )
     write_summary(results, results_path)
     return results
 
@@ -197,32 +265,49 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for setting, by_lr in groups.items():
         fields = dict(setting)
         measured = {lr: rs for lr, rs in by_lr.items() if all(r.get("heldout_ppl") for r in rs)}
-        entry = dict(mixer=fields["mixer"], m=fields["m"], tokens=fields["tokens"], steps=fields["steps"],
-                     setting=fields, device=sorted({r.get("device", "?") for rs in by_lr.values() for r in rs}))
+        entry = dict(
+            mixer=fields["mixer"],
+            m=fields["m"],
+            tokens=fields["tokens"],
+            steps=fields["steps"],
+            setting=fields,
+            device=sorted({r.get("device", "?") for rs in by_lr.values() for r in rs}),
+        )
         if not measured:
             entry["not_measured"] = next(r.get("error") for rs in by_lr.values() for r in rs)
         else:
             lr = min(measured, key=lambda lr: sum(r["heldout_ppl"] for r in measured[lr]) / len(measured[lr]))
             rs = measured[lr]
             speeds = [r["tokens_per_s"] for r in rs if r.get("tokens_per_s")]
-            entry.update(lr=lr, seeds=len(rs), heldout_ppl=sum(r["heldout_ppl"] for r in rs) / len(rs),
-                         tokens_per_s=sum(speeds) / len(speeds) if speeds else None, parameters=rs[0]["parameters"])
+            entry.update(
+                lr=lr,
+                seeds=len(rs),
+                heldout_ppl=sum(r["heldout_ppl"] for r in rs) / len(rs),
+                tokens_per_s=sum(speeds) / len(speeds) if speeds else None,
+                parameters=rs[0]["parameters"],
+            )
         table.append(entry)
     order = list(MIXERS)
     return sorted(table, key=lambda e: (order.index(e["mixer"]) if e["mixer"] in order else 99, e["m"] or 0))
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
-    lines = ["| mixer | m | parameters | training tokens | held-out ppl | training tokens/s | lr | device |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mixer | m | parameters | training tokens | held-out ppl | training tokens/s | lr | device |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for e in table:
         if "not_measured" in e:
-            lines.append(f"| {e['mixer']} | {e['m'] or '-'} | | {e['tokens']:,} | not measured: {e['not_measured']} "
-                         f"| | | {', '.join(map(str, e['device']))} |")
+            lines.append(
+                f"| {e['mixer']} | {e['m'] or '-'} | | {e['tokens']:,} | not measured: {e['not_measured']} "
+                f"| | | {', '.join(map(str, e['device']))} |"
+            )
             continue
         speed = f"{e['tokens_per_s']:,.0f}" if e["tokens_per_s"] else "-"
-        lines.append(f"| {e['mixer']} | {e['m'] or '-'} | {e['parameters'] / 1e6:.1f}M | {e['tokens']:,} | "
-                     f"{e['heldout_ppl']:.2f} | {speed} | {e['lr']:g} | {', '.join(map(str, e['device']))} |")
+        lines.append(
+            f"| {e['mixer']} | {e['m'] or '-'} | {e['parameters'] / 1e6:.1f}M | {e['tokens']:,} | "
+            f"{e['heldout_ppl']:.2f} | {speed} | {e['lr']:g} | {', '.join(map(str, e['device']))} |"
+        )
     return "\n".join(lines) + "\n"
 
 

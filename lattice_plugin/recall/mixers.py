@@ -38,15 +38,18 @@ MIXERS: dict[str, Mixer] = {
         Mixer("attention", "litgpt's causal softmax attention (the upper bound: its cache grows with the sequence)"),
         Mixer("lattice_exact", "Lattice, exact gates", dict(lattice_gates="exact")),
         Mixer(
-            "lattice_chunk", "Lattice, gates frozen per chunk (the paper's approximation)",
+            "lattice_chunk",
+            "Lattice, gates frozen per chunk (the paper's approximation)",
             dict(lattice_gates="chunk"),
         ),
         Mixer(
-            "lattice_additive", "Lattice ablation: additive write, then retraction",
+            "lattice_additive",
+            "Lattice ablation: additive write, then retraction",
             dict(lattice_gates="exact", lattice_orthogonal=False),
         ),
         Mixer(
-            "lattice_no_retraction", "Lattice ablation: orthogonal write, no retraction to the sphere",
+            "lattice_no_retraction",
+            "Lattice ablation: orthogonal write, no retraction to the sphere",
             dict(lattice_gates="exact", lattice_normalize=False),
         ),
         Mixer("gla", "flash-linear-attention's Gated Linear Attention", fla="gla"),

@@ -17,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lattice_plugin.checkpoint import atomic_write
-from lattice_plugin.vocab import BACKENDS
 from lattice_plugin.errors import LatticeError
 from lattice_plugin.recall.mixers import (
     MIXERS,
@@ -30,6 +29,7 @@ from lattice_plugin.recall.mixers import (
 from lattice_plugin.recall.results import ResultsFile, pyplot, run_pending, write_png
 from lattice_plugin.recall.task import IGNORE, check_mqar, mqar_batch
 from lattice_plugin.recall.training import Schedule, autocast, train
+from lattice_plugin.vocab import BACKENDS
 
 VALID_ATTENTION = 0.99
 DEFAULT_SLOTS = 64
@@ -69,8 +69,14 @@ class MQARSettings:
     def check(self) -> None:
         for pairs in self.pairs:
             check_mqar(self.vocab_size, pairs, self.length(pairs))
-        positive = dict(steps=self.steps, batch_size=self.batch_size, eval_examples=self.eval_examples,
-                        n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head)
+        positive = dict(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            eval_examples=self.eval_examples,
+            n_layer=self.n_layer,
+            n_embd=self.n_embd,
+            n_head=self.n_head,
+        )
         bad = [name for name, value in positive.items() if value < 1]
         bad += [f"m={m}" for m in self.slots if m < 1] + [f"lr={lr}" for lr in self.lrs if not lr > 0]
         bad += [] if self.lattice_backend in BACKENDS else [f"lattice backend {self.lattice_backend!r}"]
@@ -80,11 +86,26 @@ class MQARSettings:
 
 def row_key(mixer: Mixer, pairs: int, slots: int | None, lr: float, seed: int, s: MQARSettings) -> dict[str, Any]:
     return dict(
-        mixer=mixer.name, K=pairs, T=s.length(pairs), m=slots, lr=lr, seed=seed, steps=s.steps,
-        batch_size=s.batch_size, vocab_size=s.vocab_size, n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head,
-        intermediate_size=s.intermediate_size, chunk_size=s.chunk_size, lattice_backend=s.lattice_backend,
-        warmup_fraction=s.warmup_fraction, weight_decay=s.weight_decay, eval_examples=s.eval_examples,
-        eval_every=s.eval_every, stop_at=s.stop_at,
+        mixer=mixer.name,
+        K=pairs,
+        T=s.length(pairs),
+        m=slots,
+        lr=lr,
+        seed=seed,
+        steps=s.steps,
+        batch_size=s.batch_size,
+        vocab_size=s.vocab_size,
+        n_layer=s.n_layer,
+        n_embd=s.n_embd,
+        n_head=s.n_head,
+        intermediate_size=s.intermediate_size,
+        chunk_size=s.chunk_size,
+        lattice_backend=s.lattice_backend,
+        warmup_fraction=s.warmup_fraction,
+        weight_decay=s.weight_decay,
+        eval_examples=s.eval_examples,
+        eval_every=s.eval_every,
+        stop_at=s.stop_at,
     )
 
 
@@ -143,12 +164,29 @@ def held_out(s: MQARSettings, pairs: int, seed: int, device: torch.device) -> li
     return batches
 
 
-def run_row(mixer: Mixer, pairs: int, slots: int | None, lr: float, seed: int, s: MQARSettings,
-            device: torch.device, echo: Callable[[str], None]) -> dict[str, Any]:
+def run_row(
+    mixer: Mixer,
+    pairs: int,
+    slots: int | None,
+    lr: float,
+    seed: int,
+    s: MQARSettings,
+    device: torch.device,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
     """Train one model from scratch and score it on the held-out sequences."""
     T = s.length(pairs)
-    shape = ModelShape(s.vocab_size, T, s.n_layer, s.n_embd, s.n_head, s.intermediate_size,
-                       slots if slots is not None else s.n_embd // s.n_head, s.chunk_size, s.lattice_backend)
+    shape = ModelShape(
+        s.vocab_size,
+        T,
+        s.n_layer,
+        s.n_embd,
+        s.n_head,
+        s.intermediate_size,
+        slots if slots is not None else s.n_embd // s.n_head,
+        s.chunk_size,
+        s.lattice_backend,
+    )
     torch.manual_seed(seed)
     model = score_queries_only(build_model(mixer, shape)).to(device)
     generator = torch.Generator(device).manual_seed(seed)
@@ -160,8 +198,18 @@ def run_row(mixer: Mixer, pairs: int, slots: int | None, lr: float, seed: int, s
         return batch.inputs, batch.targets
 
     label = f"{mixer.name} K={pairs} T={T} m={slots} lr={lr:g} seed={seed}"
-    run = train(model, next_batch, schedule, device, loss_fn=query_loss, evaluate=lambda: accuracy(model, test, device),
-                eval_every=s.eval_every, stop_at=s.stop_at, echo=echo, label=label)
+    run = train(
+        model,
+        next_batch,
+        schedule,
+        device,
+        loss_fn=query_loss,
+        evaluate=lambda: accuracy(model, test, device),
+        eval_every=s.eval_every,
+        stop_at=s.stop_at,
+        echo=echo,
+        label=label,
+    )
     return dict(
         accuracy=accuracy(model, test, device),
         parameters=sum(p.numel() for p in model.parameters()),
@@ -186,15 +234,27 @@ def run_mqar(
     settings.check()
     results = ResultsFile(results_path, EXPERIMENT)
     jobs = (
-        (mixer.name, row_key(mixer, pairs, slots, lr, seed, settings),
-         lambda mixer=mixer, pairs=pairs, slots=slots, lr=lr, seed=seed: run_row(
-             mixer, pairs, slots, lr, seed, settings, device, echo))
+        (
+            mixer.name,
+            row_key(mixer, pairs, slots, lr, seed, settings),
+            lambda mixer=mixer, pairs=pairs, slots=slots, lr=lr, seed=seed: run_row(
+                mixer, pairs, slots, lr, seed, settings, device, echo
+            ),
+        )
         for mixer, pairs, slots, lr, seed in planned_rows(mixers, settings)
     )
-    run_pending(results, jobs, device=device, budget_s=budget_s, retry_errors=retry_errors, echo=echo,
-                on_row=lambda: write_summary(results, results_path),
-                unavailable=lambda name: unavailable_reason(MIXERS[name]),
-                external=lambda name: MIXERS[name].fla is not None, shard=shard)
+    run_pending(
+        results,
+        jobs,
+        device=device,
+        budget_s=budget_s,
+        retry_errors=retry_errors,
+        echo=echo,
+        on_row=lambda: write_summary(results, results_path),
+        unavailable=lambda name: unavailable_reason(MIXERS[name]),
+        external=lambda name: MIXERS[name].fla is not None,
+        shard=shard,
+    )
     write_summary(results, results_path)
     return results
 
@@ -232,13 +292,24 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         lr = max(means, key=means.get)
         if line[0] == "attention":
             attention[task] = max(attention.get(task, 0.0), means[lr])
-        best.append(dict(zip(MIXER_FIELDS, line), setting=dict(task), lr=lr, accuracy=means[lr],
-                         seeds=len(by_lr[lr]), lrs_tried=sorted(means)))
+        best.append(
+            dict(
+                zip(MIXER_FIELDS, line),
+                setting=dict(task),
+                lr=lr,
+                accuracy=means[lr],
+                seeds=len(by_lr[lr]),
+                lrs_tried=sorted(means),
+            )
+        )
     for b in best:
         task = _task(b["setting"])
         b["valid"] = attention[task] >= VALID_ATTENTION if task in attention else None
-    not_measured = [dict(zip(MIXER_FIELDS, line), setting=dict(task), reason=reason)
-                    for (line, task), reason in errors.items() if (line, task) not in groups]
+    not_measured = [
+        dict(zip(MIXER_FIELDS, line), setting=dict(task), reason=reason)
+        for (line, task), reason in errors.items()
+        if (line, task) not in groups
+    ]
     return dict(valid_attention_threshold=VALID_ATTENTION, best=best, not_measured=not_measured)
 
 
@@ -250,22 +321,33 @@ def markdown(summary: dict[str, Any], devices: list[str]) -> str:
     """Accuracy table: one line per mixer (and m), one column per task setting (K, T, steps and whatever else
     differs); invalid settings and rows not measured say so."""
     entries = summary["best"] + summary["not_measured"]
-    tasks = sorted({_task(e["setting"]) for e in entries},
-                   key=lambda t: (dict(t)["steps"], dict(t)["K"], dict(t)["T"], [str(v) for _, v in t]))
-    lines = sorted({_line(e) for e in entries}, key=lambda x: (list(MIXERS).index(x[0]) if x[0] in MIXERS else 99,
-                                                                [str(v) for v in x[1:]]))
+    tasks = sorted(
+        {_task(e["setting"]) for e in entries},
+        key=lambda t: (dict(t)["steps"], dict(t)["K"], dict(t)["T"], [str(v) for _, v in t]),
+    )
+    lines = sorted(
+        {_line(e) for e in entries},
+        key=lambda x: (list(MIXERS).index(x[0]) if x[0] in MIXERS else 99, [str(v) for v in x[1:]]),
+    )
     settings = [e["setting"] for e in entries]
-    task_extra = [f for f in _varying(settings, tuple(k for k, _ in tasks[0])) if f not in ("K", "T", "steps")] \
-        if tasks else []
+    task_extra = (
+        [f for f in _varying(settings, tuple(k for k, _ in tasks[0])) if f not in ("K", "T", "steps")] if tasks else []
+    )
     line_extra = _varying(entries, MIXER_FIELDS[2:])
 
     def column(task: tuple) -> str:
         t = dict(task)
         return ", ".join([f"K={t['K']}, T={t['T']}, {t['steps']} steps"] + [f"{f}={t[f]}" for f in task_extra])
 
-    out = [f"MQAR accuracy, best learning rate (device: {', '.join(devices) or 'none'}; a column where attention "
-           f"stays below {summary['valid_attention_threshold']:.0%} is invalid)", "",
-           "| mixer | m | " + " | ".join(column(t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
+    out = [
+        (
+            f"MQAR accuracy, best learning rate (device: {', '.join(devices) or 'none'}; a column where attention "
+            f"stays below {summary['valid_attention_threshold']:.0%} is invalid)"
+        ),
+        "",
+        "| mixer | m | " + " | ".join(column(t) for t in tasks) + " |",
+        "|" + "---|" * (len(tasks) + 2),
+    ]
     for line in lines:
         cells = []
         for task in tasks:
@@ -297,14 +379,27 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     main_m = DEFAULT_SLOTS if DEFAULT_SLOTS in ms else (max(set(ms), key=ms.count) if ms else None)
     figure, (by_k, by_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for mixer in [name for name in MIXERS if any(b["mixer"] == name for b in best)]:
-        points = sorted((b["setting"]["K"], b["accuracy"], b["valid"]) for b in best if b["mixer"] == mixer
-                        and b["m"] in (main_m, None))
+        points = sorted(
+            (b["setting"]["K"], b["accuracy"], b["valid"])
+            for b in best
+            if b["mixer"] == mixer and b["m"] in (main_m, None)
+        )
         if points:
             by_k.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=mixer)
-            by_k.scatter([p[0] for p in points if p[2] is False], [p[1] for p in points if p[2] is False],
-                         marker="x", color="black", zorder=3)
-    by_k.set(xscale="log", xlabel="key-value pairs K", ylabel="accuracy (best lr)", ylim=(-0.02, 1.02),
-             title=f"MQAR, m = {main_m} (x: attention < {VALID_ATTENTION:.0%}, invalid)")
+            by_k.scatter(
+                [p[0] for p in points if p[2] is False],
+                [p[1] for p in points if p[2] is False],
+                marker="x",
+                color="black",
+                zorder=3,
+            )
+    by_k.set(
+        xscale="log",
+        xlabel="key-value pairs K",
+        ylabel="accuracy (best lr)",
+        ylim=(-0.02, 1.02),
+        title=f"MQAR, m = {main_m} (x: attention < {VALID_ATTENTION:.0%}, invalid)",
+    )
     by_k.legend(fontsize=7)
     for mixer in [name for name in MIXERS if MIXERS[name].lattice is not None]:
         for K in sorted({b["setting"]["K"] for b in best}):

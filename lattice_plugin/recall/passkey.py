@@ -80,28 +80,58 @@ def run_passkey(
         model, trained = load_extended(checkpoint_dir, needed, device, torch_dtype)
         layers = list(getattr(model.config, "lattice_layers", []) or [])
         echo(f"{label}: trained length {trained} tokens, scored up to {needed} ({len(layers)} Lattice layers)")
-        lm = LatticeLM(model=model, tokenizer=tokenizer, device=str(device), dtype=dtype, batch_size=batch_size,
-                       max_length=max(needed, trained), max_gen_toks=ANSWER_TOKENS)
-        results = simple_evaluate(model=lm, tasks=resolved, task_manager=manager, random_seed=seed,
-                                  numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        lm = LatticeLM(
+            model=model,
+            tokenizer=tokenizer,
+            device=str(device),
+            dtype=dtype,
+            batch_size=batch_size,
+            max_length=max(needed, trained),
+            max_gen_toks=ANSWER_TOKENS,
+        )
+        results = simple_evaluate(
+            model=lm,
+            tasks=resolved,
+            task_manager=manager,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
         scores = {}
         for length in data_config.passkey_lengths:
             metrics = results["results"][f"lattice_passkey_{length}"]
             scores[str(length)] = dict(
-                exact_match=metrics["exact_match,strip"], stderr=metrics.get("exact_match_stderr,strip"),
-                prompt_tokens_mean=prompts[length]["mean"], prompt_tokens_max=prompts[length]["max"],
+                exact_match=metrics["exact_match,strip"],
+                stderr=metrics.get("exact_match_stderr,strip"),
+                prompt_tokens_mean=prompts[length]["mean"],
+                prompt_tokens_max=prompts[length]["max"],
                 beyond_training_length=prompts[length]["max"] + ANSWER_TOKENS > trained,
             )
-            echo(f"  {length} words (~{prompts[length]['mean']:.0f} tokens): "
-                 f"exact match {scores[str(length)]['exact_match']:.3f}")
-        models[label] = dict(checkpoint=str(checkpoint_dir), trained_length=trained, lattice_layers=layers,
-                             n_layer=model.config.n_layer, parameters=sum(p.numel() for p in model.parameters()),
-                             scores=scores)
+            echo(
+                f"  {length} words (~{prompts[length]['mean']:.0f} tokens): "
+                f"exact match {scores[str(length)]['exact_match']:.3f}"
+            )
+        models[label] = dict(
+            checkpoint=str(checkpoint_dir),
+            trained_length=trained,
+            lattice_layers=layers,
+            n_layer=model.config.n_layer,
+            parameters=sum(p.numel() for p in model.parameters()),
+            scores=scores,
+        )
         del lm, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    report = dict(task="lattice_passkey", lengths_words=data_config.passkey_lengths, items_per_length=items,
-                  seed=seed, dtype=str(torch_dtype).removeprefix("torch."), **device_info(device), models=models)
+    report = dict(
+        task="lattice_passkey",
+        lengths_words=data_config.passkey_lengths,
+        items_per_length=items,
+        seed=seed,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        **device_info(device),
+        models=models,
+    )
     atomic_write(out_path, json.dumps(report, indent=1) + "\n")
     atomic_write(out_path.with_suffix(".md"), table(report))
     plot(report, out_path.with_suffix(".png"))
@@ -117,8 +147,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
         points = sorted((s["prompt_tokens_mean"], s["exact_match"]) for s in model["scores"].values())
         line = axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)[0]
         axis.axvline(model["trained_length"], color=line.get_color(), linestyle=":", linewidth=1)
-    axis.set(xscale="log", xlabel="prompt tokens (dotted: training length)", ylabel="exact match", ylim=(-0.02, 1.02),
-             title=f"pass-key retrieval, {report['items_per_length']} prompts per length ({report['device']})")
+    axis.set(
+        xscale="log",
+        xlabel="prompt tokens (dotted: training length)",
+        ylabel="exact match",
+        ylim=(-0.02, 1.02),
+        title=f"pass-key retrieval, {report['items_per_length']} prompts per length ({report['device']})",
+    )
     axis.legend(fontsize=8)
     write_png(figure, path)
 
@@ -127,8 +162,11 @@ def table(report: dict[str, Any]) -> str:
     """Markdown: one line per checkpoint, one column per length."""
     lengths = [str(n) for n in report["lengths_words"]]
     first = next(iter(report["models"].values()))["scores"]
-    header = "| model | trained length | " + " | ".join(
-        f"{n} words (~{first[n]['prompt_tokens_mean']:.0f} tok)" for n in lengths) + " |"
+    header = (
+        "| model | trained length | "
+        + " | ".join(f"{n} words (~{first[n]['prompt_tokens_mean']:.0f} tok)" for n in lengths)
+        + " |"
+    )
     lines = [header, "|" + "---|" * (len(lengths) + 2)]
     for label, model in report["models"].items():
         cells = [f"{model['scores'][n]['exact_match']:.2f}" for n in lengths]

@@ -53,8 +53,9 @@ class ResultsFile:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise LatticeError(f"cannot read results {str(self.path)!r}: {error}") from None
-        if not (isinstance(data, dict) and data.get("experiment") == self.experiment
-                and isinstance(data.get("rows"), list)):
+        if not (
+            isinstance(data, dict) and data.get("experiment") == self.experiment and isinstance(data.get("rows"), list)
+        ):
             raise LatticeError(f"{str(self.path)!r} does not hold {self.experiment} results; choose another --results")
         return data["rows"]
 
@@ -116,8 +117,10 @@ def run_pending(
         if done is not None and not (retry_errors and done.get("error")):
             continue
         if budget_s is not None and time.perf_counter() - started + longest > budget_s:
-            echo(f"stopping: the next row would overrun the budget of {budget_s:.0f} s (rows take up to "
-                 f"{longest:.0f} s); run the same command again to continue")
+            echo(
+                f"stopping: the next row would overrun the budget of {budget_s:.0f} s (rows take up to "
+                f"{longest:.0f} s); run the same command again to continue"
+            )
             break
         row_started = time.perf_counter()
         try:

@@ -41,9 +41,7 @@ class Schedule:
 
 def make_optimizer(model: nn.Module, schedule: Schedule) -> tuple[torch.optim.Optimizer, LambdaLR]:
     """AdamW (fused on CUDA) decaying only linear and embedding weights, with the schedule's learning-rate factor."""
-    decayed = {
-        id(module.weight) for module in model.modules() if isinstance(module, (nn.Linear, nn.Embedding))
-    }
+    decayed = {id(module.weight) for module in model.modules() if isinstance(module, (nn.Linear, nn.Embedding))}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         dict(params=[p for p in params if id(p) in decayed], weight_decay=schedule.weight_decay),
@@ -126,8 +124,10 @@ def train(
                 eval_seconds += device_seconds(device) - before
                 stopped_early = stop_at is not None and point["score"] >= stop_at
             curve.append(point)
-            echo(f"{label} step {step}/{schedule.steps} loss {loss_value:.4f}"
-                 + (f" score {point['score']:.4f}" if "score" in point else ""))
+            echo(
+                f"{label} step {step}/{schedule.steps} loss {loss_value:.4f}"
+                + (f" score {point['score']:.4f}" if "score" in point else "")
+            )
             if diverged or stopped_early:
                 break
     ended = device_seconds(device)
