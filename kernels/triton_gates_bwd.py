@@ -1,8 +1,8 @@
 """The reverse gate pass by matmuls (docs/math.md §4, §4b), in place of the per-token reverse sweep of
-:mod:`triton_chunk`, for the forward of :mod:`triton_gates_fwd`.
+:mod:`triton_chunk_bwd`, for the forward of :mod:`triton_gates_fwd`.
 
 With ``g_t`` the cumulative log-gate from the chunk start, ``G_t`` the gradient of the state after token ``t`` and
-``dq`` the gradient of the read codes (from :mod:`triton_chunk`'s dq pass, computed first), per slot:
+``dq`` the gradient of the read codes (from :mod:`triton_chunk_bwd`'s dq pass, computed first), per slot:
 
     db_t           = v_t . G_t
     dL / d g_t     = q_t dq_t - b_t db_t + dc_{t+1} c_{t+1}    (last term: exact gates only, whose token t+1
@@ -22,14 +22,15 @@ One program per (batch, kv head, block of BM slots) walks the chunks backwards a
 sub-chunks backwards, carrying ``G`` (``[D, BM]``): per sub-chunk ``V G`` and, per query head,
 ``mask(V dO^T) (Q e^g)`` and ``dO^T (Q e^g)`` are matmuls; ``e^{-g}`` spans 16 tokens only. It writes what the
 sweep writes (``dc``, ``d gamma``, ``d ||v||^2`` per token, the state gradient at every chunk end after the
-retraction, the gradient of the initial state), so the dv passes of :mod:`triton_chunk` run unchanged.
+retraction, the gradient of the initial state), so the dv passes of :mod:`triton_chunk_fwd` and
+:mod:`triton_chunk_bwd` run unchanged.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_chunk import BC, _gate_grads, _gates, _pow2
+from .triton_common import BC, _gate_grads, _gates, _pow2
 from .triton_gates_fwd import GATE_WARPS, _slot_block
 
 
@@ -143,7 +144,7 @@ def _frozen_reverse_kernel(
 
 def matmul_reverse_pass(q, do, k, v, beta, c, qdq, states, norms, final, d_final, *, chunk_size: int, exact: bool,
                         iters: int, orthogonal: bool, prec: str):
-    """``(dc, dgamma, dvv, g_end, d_init)`` as :mod:`triton_chunk`'s reverse sweep returns them.
+    """``(dc, dgamma, dvv, g_end, d_init)`` as :mod:`triton_chunk_bwd`'s reverse sweep returns them.
 
     Contiguous ``q, do (B, T, HQ, .)``, ``k, v (B, T, H, .)``, ``beta (B, T, H)``; ``c``, ``qdq`` ``(B, T, H, M)``,
     ``states``, ``norms``, ``final`` from :func:`triton_gates_fwd.matmul_gate_pass`; ``d_final`` or None.

@@ -1,5 +1,5 @@
 """The forward gate pass by matmuls: frozen chunk gates (docs/math.md §4) or exact gates by fixed-point iteration
-(docs/math.md §4b), in place of the sequential per-token sweep of :mod:`triton_chunk`.
+(docs/math.md §4b), in place of the sequential per-token sweep of :mod:`triton_chunk_fwd`.
 
 One program per (batch, kv head, block of BM slots) walks the sequence (slots are independent given the values);
 per step of BT tokens it does ``P = V S`` (a matmul), the gates elementwise, cumulative log-gates along the tokens
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_chunk import _gates, _pow2, _sm_count
+from .triton_common import _gates, _pow2, _sm_count
 
 FP_SUB = 16  # tokens per fixed-point sub-chunk (tl.dot needs >= 16; docs/math.md §4b measured its convergence)
 BT_FROZEN = 64  # most tokens per step of the frozen-gate pass
