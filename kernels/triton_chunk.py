@@ -58,8 +58,18 @@ def _sub_gram(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 class _Setup:
     """Shapes and compile-time switches shared by the forward and the backward."""
 
-    def __init__(self, q, v, *, chunk_size: int, exact: bool, orthogonal: bool, normalize: bool,
-                 gate_solver: str = "scan", fixed_point_iters: int = 0):
+    def __init__(
+        self,
+        q,
+        v,
+        *,
+        chunk_size: int,
+        exact: bool,
+        orthogonal: bool,
+        normalize: bool,
+        gate_solver: str = "scan",
+        fixed_point_iters: int = 0,
+    ):
         self.B, self.T, self.HQ, self.M = q.shape
         self.H, self.D = v.shape[2], v.shape[3]
         self.CS = CS_EXACT if exact else chunk_size
@@ -92,9 +102,17 @@ def lattice_fwd(q, k, v, beta, state, setup: _Setup):
     if s.gate_solver == "fixed_point":  # the gate pass by matmuls (kernels/triton_gates_fwd.py); normalised only
         from .triton_gates_fwd import matmul_gate_pass
 
-        c, states, final, norms, _ = matmul_gate_pass(k, v, beta, state, chunk_size=s.CS, exact=s.exact,
-                                                      iters=s.fixed_point_iters, orthogonal=s.flags["ORTHOGONAL"],
-                                                      prec=s.prec)
+        c, states, final, norms, _ = matmul_gate_pass(
+            k,
+            v,
+            beta,
+            state,
+            chunk_size=s.CS,
+            exact=s.exact,
+            iters=s.fixed_point_iters,
+            orthogonal=s.flags["ORTHOGONAL"],
+            prec=s.prec,
+        )
         ns = c
         extra = (norms, final)  # the matmul reverse pass re-reads them
     else:
@@ -106,14 +124,57 @@ def lattice_fwd(q, k, v, beta, state, setup: _Setup):
         n_mb = triton.cdiv(s.M, s.bm_fwd)
         scratch = s.new(s.B * s.H * n_mb * s.BD * s.bm_fwd, like=q) if not s.exact else c
         fwd_scan_kernel[(n_mb, s.B * s.H)](
-            k, v, beta, state, gram, c, ns, states, final, scratch, s.T, s.NC,
-            s.H, s.M, s.D, BC, s.CS, s.bm_fwd, s.BD, s.exact, PREC=s.prec, **s.flags, num_warps=s.warps_fwd,
+            k,
+            v,
+            beta,
+            state,
+            gram,
+            c,
+            ns,
+            states,
+            final,
+            scratch,
+            s.T,
+            s.NC,
+            s.H,
+            s.M,
+            s.D,
+            BC,
+            s.CS,
+            s.bm_fwd,
+            s.BD,
+            s.exact,
+            PREC=s.prec,
+            **s.flags,
+            num_warps=s.warps_fwd,
         )
     o = torch.empty(s.B, s.T, s.HQ, s.D, device=q.device, dtype=q.dtype)
     bv = s.read_bv()
     fwd_read_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.HQ)](
-        q, k, v, beta, gram, c, ns, states, o, s.T, s.NC,
-        s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, bv, False, False, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
+        q,
+        k,
+        v,
+        beta,
+        gram,
+        c,
+        ns,
+        states,
+        o,
+        s.T,
+        s.NC,
+        s.HQ,
+        s.H,
+        s.M,
+        s.D,
+        BC,
+        s.CS,
+        s.BK,
+        bv,
+        False,
+        False,
+        PREC=s.prec,
+        **s.flags,
+        num_warps=PAR_WARPS,
     )
     return o, final, (gram, c, ns, states, *extra)
 
@@ -127,16 +188,50 @@ def lattice_bwd(do, d_final, q, k, v, beta, saved, setup: _Setup):
     dq = torch.empty(q.shape, device=q.device, dtype=torch.float32) if matmul_reverse else torch.empty_like(q)
     bk = min(BK_DQ, s.BK)
     bwd_dq_kernel[(triton.cdiv(s.M, bk), s.NC, s.B * s.HQ)](
-        do, k, v, beta, gram, hgram, c, ns, states, dq, s.T, s.NC,
-        s.HQ, s.H, s.M, s.D, BC, s.CS, bk, s.BD, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
+        do,
+        k,
+        v,
+        beta,
+        gram,
+        hgram,
+        c,
+        ns,
+        states,
+        dq,
+        s.T,
+        s.NC,
+        s.HQ,
+        s.H,
+        s.M,
+        s.D,
+        BC,
+        s.CS,
+        bk,
+        s.BD,
+        PREC=s.prec,
+        **s.flags,
+        num_warps=PAR_WARPS,
     )
     if matmul_reverse:
         from .triton_gates_bwd import matmul_reverse_pass
 
         qdq = (q.float() * dq).view(s.B, s.T, s.H, s.HQ // s.H, s.M).sum(3)
         dc, dgamma, dvv, g_end, d_init = matmul_reverse_pass(
-            q, do, k, v, beta, c, qdq, states, *gate_pass, d_final, chunk_size=s.CS, exact=s.exact,
-            iters=s.fixed_point_iters, orthogonal=s.flags["ORTHOGONAL"], prec=s.prec,
+            q,
+            do,
+            k,
+            v,
+            beta,
+            c,
+            qdq,
+            states,
+            *gate_pass,
+            d_final,
+            chunk_size=s.CS,
+            exact=s.exact,
+            iters=s.fixed_point_iters,
+            orthogonal=s.flags["ORTHOGONAL"],
+            prec=s.prec,
         )
         dq = dq.to(q.dtype)
     else:
@@ -148,21 +243,95 @@ def lattice_bwd(do, d_final, q, k, v, beta, saved, setup: _Setup):
         n_mb = triton.cdiv(s.M, s.bm_bwd)
         scratch = s.new(s.B * s.H * n_mb * (s.CS // BC) * s.BD * s.bm_bwd, like=q)
         bwd_scan_kernel[(n_mb, s.B * s.H)](
-            q, do, k, v, beta, gram, hgram, c, ns, states, d_final if d_final is not None else dc, scratch,
-            dc, dgamma, dvv, g_end, d_init, s.T, s.NC,
-            s.HQ, s.H, s.M, s.D, BC, s.CS, s.bm_bwd, s.BD, s.exact, HAS_DFINAL=d_final is not None, PREC=s.prec,
-            **s.flags, num_warps=s.warps_bwd,
+            q,
+            do,
+            k,
+            v,
+            beta,
+            gram,
+            hgram,
+            c,
+            ns,
+            states,
+            d_final if d_final is not None else dc,
+            scratch,
+            dc,
+            dgamma,
+            dvv,
+            g_end,
+            d_init,
+            s.T,
+            s.NC,
+            s.HQ,
+            s.H,
+            s.M,
+            s.D,
+            BC,
+            s.CS,
+            s.bm_bwd,
+            s.BD,
+            s.exact,
+            HAS_DFINAL=d_final is not None,
+            PREC=s.prec,
+            **s.flags,
+            num_warps=s.warps_bwd,
         )
     dv = s.new(s.B, s.T, s.H, s.D, like=q)
     bv = s.read_bv()
     fwd_read_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.H)](
-        dc, k, v, beta, gram, c, ns, states, dv, s.T, s.NC,
-        s.H, s.H, s.M, s.D, BC, s.CS, s.BK, bv, True, not s.exact, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
+        dc,
+        k,
+        v,
+        beta,
+        gram,
+        c,
+        ns,
+        states,
+        dv,
+        s.T,
+        s.NC,
+        s.H,
+        s.H,
+        s.M,
+        s.D,
+        BC,
+        s.CS,
+        s.BK,
+        bv,
+        True,
+        not s.exact,
+        PREC=s.prec,
+        **s.flags,
+        num_warps=PAR_WARPS,
     )
     bv = min(BV_DV if s.BK <= 64 else 64, s.BD)
     bwd_dv_kernel[(triton.cdiv(s.D, bv), s.NC, s.B * s.H)](
-        q, do, k, v, beta, gram, c, ns, dc, dvv, g_end, dv, s.T, s.NC,
-        s.HQ, s.H, s.M, s.D, BC, s.CS, s.BK, bv, s.exact, PREC=s.prec, **s.flags, num_warps=PAR_WARPS,
+        q,
+        do,
+        k,
+        v,
+        beta,
+        gram,
+        c,
+        ns,
+        dc,
+        dvv,
+        g_end,
+        dv,
+        s.T,
+        s.NC,
+        s.HQ,
+        s.H,
+        s.M,
+        s.D,
+        BC,
+        s.CS,
+        s.BK,
+        bv,
+        s.exact,
+        PREC=s.prec,
+        **s.flags,
+        num_warps=PAR_WARPS,
     )
     dk = (dgamma * beta.unsqueeze(-1)).to(k.dtype)
     dbeta = (dgamma * k).sum(-1).to(beta.dtype)
@@ -188,8 +357,16 @@ class LatticeChunkFunction(torch.autograd.Function):
         T = q.shape[1]
         pad = -T % BC
         q, k, v, beta = (_pad_tokens(x, pad) for x in (q, k, v, beta))
-        setup = _Setup(q, v, chunk_size=chunk_size, exact=exact, orthogonal=orthogonal, normalize=normalize,
-                       gate_solver=gate_solver, fixed_point_iters=fixed_point_iters)
+        setup = _Setup(
+            q,
+            v,
+            chunk_size=chunk_size,
+            exact=exact,
+            orthogonal=orthogonal,
+            normalize=normalize,
+            gate_solver=gate_solver,
+            fixed_point_iters=fixed_point_iters,
+        )
         o, final, saved = lattice_fwd(q, k, v, beta, state, setup)
         ctx.setup = setup
         ctx.pad = pad
@@ -200,8 +377,14 @@ class LatticeChunkFunction(torch.autograd.Function):
     def backward(ctx, do, d_final):
         q, k, v, beta, *saved = ctx.saved_tensors
         dq, dk, dv, dbeta, d_state = lattice_bwd(
-            _pad_tokens(do.contiguous(), ctx.pad), None if d_final is None else d_final.contiguous(),
-            q, k, v, beta, saved, ctx.setup,
+            _pad_tokens(do.contiguous(), ctx.pad),
+            None if d_final is None else d_final.contiguous(),
+            q,
+            k,
+            v,
+            beta,
+            saved,
+            ctx.setup,
         )
         T = q.shape[1] - ctx.pad
         dq, dk, dv, dbeta = (x[:, :T] for x in (dq, dk, dv, dbeta))
@@ -236,6 +419,15 @@ def chunk_lattice_triton(
     if gate_solver == "fixed_point" and not normalize:
         raise ValueError("gate_solver='fixed_point' needs normalize=True (positive forget gates)")
     return LatticeChunkFunction.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), state.contiguous().float(),
-        chunk_size, exact, orthogonal, normalize, gate_solver, fixed_point_iters,
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        beta.contiguous(),
+        state.contiguous().float(),
+        chunk_size,
+        exact,
+        orthogonal,
+        normalize,
+        gate_solver,
+        fixed_point_iters,
     )

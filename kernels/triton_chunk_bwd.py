@@ -41,8 +41,26 @@ from .triton_common import (
 
 
 @triton.jit
-def _prefetch_sub(q, do, k, v, beta, gram, hgram, c_in, row, qrow, o_c, i_m, HQ: tl.constexpr, H: tl.constexpr,
-                  M: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BCC: tl.constexpr):
+def _prefetch_sub(
+    q,
+    do,
+    k,
+    v,
+    beta,
+    gram,
+    hgram,
+    c_in,
+    row,
+    qrow,
+    o_c,
+    i_m,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+    BCC: tl.constexpr,
+):
     """:func:`_prefetch` of everything the reverse sweep reads for the sub-chunk whose first token is at row ``row``
     (kv-head tensors) and ``qrow`` (query-head tensors): its replay (V, c, k, beta, Gram) and its sweep (q, do,
     do . v)."""
@@ -61,13 +79,39 @@ def _prefetch_sub(q, do, k, v, beta, gram, hgram, c_in, row, qrow, o_c, i_m, HQ:
 
 @triton.jit(do_not_specialize=["NC"])  # one build for every chunk count
 def bwd_scan_kernel(
-    q, do, k, v, beta, gram, hgram, c_in, ns_in, states, d_final, scratch,
-    dc_out, dgamma_out, dvv_out, g_out, d_init,
-    T, NC,
-    HQ: tl.constexpr, H: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-    BCC: tl.constexpr, CS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    EXACT: tl.constexpr, ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, PREC: tl.constexpr,
+    q,
+    do,
+    k,
+    v,
+    beta,
+    gram,
+    hgram,
+    c_in,
+    ns_in,
+    states,
+    d_final,
+    scratch,
+    dc_out,
+    dgamma_out,
+    dvv_out,
+    g_out,
+    d_init,
+    T,
+    NC,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    BCC: tl.constexpr,
+    CS: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    EXACT: tl.constexpr,
+    ORTHOGONAL: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    TRACK_NS: tl.constexpr,
+    HAS_DFINAL: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """The reverse sweep: ``dc``, d gamma and d ||v||^2 per token, the state gradient at every chunk end.
 
@@ -98,8 +142,12 @@ def bwd_scan_kernel(
         gE = tl.load(d_final + i_bh.to(tl.int64) * D * M + s_off, mask=s_mask, other=0.0)
     else:
         gE = tl.zeros([BD, BM], dtype=tl.float32)
-    p_sc = scratch + (i_bh * tl.num_programs(0) + i_m).to(tl.int64) * (CS // BCC) * BD * BM \
-        + o_d[:, None] * BM + tl.arange(0, BM)[None, :]
+    p_sc = (
+        scratch
+        + (i_bh * tl.num_programs(0) + i_m).to(tl.int64) * (CS // BCC) * BD * BM
+        + o_d[:, None] * BM
+        + tl.arange(0, BM)[None, :]
+    )
     tok0 = i_b.to(tl.int64) * T * H + i_h
     qtok0 = i_b.to(tl.int64) * T * HQ + i_h * G
     i_c = NC - 1
@@ -114,20 +162,24 @@ def bwd_scan_kernel(
         while r < n_sub:
             tl.store(p_sc + r * BD * BM, S)
             t1 = c_lo + tl.minimum(r + 1, n_sub - 1) * BCC  # the next sub-chunk: replay, then the sweep's first
-            _prefetch_sub(q, do, k, v, beta, gram, hgram, c_in, tok0 + t1 * H, qtok0 + t1 * HQ, o_c, i_m,
-                          HQ, H, M, D, BM, BCC)
+            _prefetch_sub(
+                q, do, k, v, beta, gram, hgram, c_in, tok0 + t1 * H, qtok0 + t1 * HQ, o_c, i_m, HQ, H, M, D, BM, BCC
+            )
             rows = c_lo + r * BCC + o_c
             t_mask = rows < T
             tok = tok0 + rows.to(tl.int64) * H
-            a, b = _tile_gates(c_in, ns_in, k, beta, gram, tok, o_c, t_mask, o_m, m_mask, M, BCC,
-                               ORTHOGONAL, NORMALIZE, TRACK_NS)
+            a, b = _tile_gates(
+                c_in, ns_in, k, beta, gram, tok, o_c, t_mask, o_m, m_mask, M, BCC, ORTHOGONAL, NORMALIZE, TRACK_NS
+            )
             la, neg = _log_gates(a)
             L = tl.cumsum(la, 0)
             N = tl.cumsum(neg, 0)
             L_end = tl.sum(la, 0)
             N_end = tl.sum(neg, 0)
             W = b * _signed_exp(L_end[None, :] - L, N_end[None, :] - N)
-            Vf = tl.load(v + tok[:, None] * D + o_d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            Vf = tl.load(v + tok[:, None] * D + o_d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(
+                tl.float32
+            )
             S = S * _signed_exp(L_end, N_end)[None, :] + tl.dot(tl.trans(Vf), W, input_precision=PREC)
             r += 1
         tl.debug_barrier()
@@ -147,8 +199,9 @@ def bwd_scan_kernel(
             qrow0 = qtok0 + t0 * HQ  # query head g of token j: qrow0 + g + j * HQ
             # the next sub-chunk to be read: r - 1 of this chunk, else the first replayed one of the chunk before
             t1 = tl.where(r > 0, t0 - BCC, tl.maximum(c_lo - CS, 0))
-            _prefetch_sub(q, do, k, v, beta, gram, hgram, c_in, tok0 + t1 * H, qtok0 + t1 * HQ, o_c, i_m,
-                          HQ, H, M, D, BM, BCC)
+            _prefetch_sub(
+                q, do, k, v, beta, gram, hgram, c_in, tok0 + t1 * H, qtok0 + t1 * HQ, o_c, i_m, HQ, H, M, D, BM, BCC
+            )
             S_b = tl.load(p_sc + r * BD * BM)
             Vf = tl.load(v + (row0 + o_c * H)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
             U = _unpack_rows(tl.dot(Vf, gE, input_precision=PREC))  # U[l] = g . v_l
@@ -160,8 +213,12 @@ def bwd_scan_kernel(
             tile = (row0 + o_c * H)[:, None] * M + o_m[None, :]  # [BCC, BM] offsets of the slot rows
             Cs = _unpack_rows(_opaque(tl.load(c_in + tile, mask=rmask, other=0.0)))
             # gamma = beta k: one tile product (beta is a column), no per-token scalar loads
-            Gs = _unpack_rows(_opaque(tl.load(beta + row0 + o_c * H).to(tl.float32)[:, None]
-                                      * tl.load(k + tile, mask=rmask, other=0.0).to(tl.float32)))
+            Gs = _unpack_rows(
+                _opaque(
+                    tl.load(beta + row0 + o_c * H).to(tl.float32)[:, None]
+                    * tl.load(k + tile, mask=rmask, other=0.0).to(tl.float32)
+                )
+            )
             if TRACK_NS:
                 Ns = _unpack_rows(tl.load(ns_in + tile, mask=rmask, other=1.0))
             p_g = gram + row0 * BCC  # Gram row of token j: p_g + j * H * BCC
@@ -181,10 +238,17 @@ def bwd_scan_kernel(
             Qs = ()
             Fs = ()
             for gq in tl.static_range(G):
-                DOg = tl.load(do + (qrow0 + gq + o_c * HQ)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
+                DOg = tl.load(do + (qrow0 + gq + o_c * HQ)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(
+                    tl.float32
+                )
                 Fs = Fs + (_unpack_rows(tl.dot(DOg, S_b, input_precision=PREC)),)
-                qg = _unpack_rows(_opaque(tl.load(q + (qrow0 + gq + o_c * HQ)[:, None] * M + o_m[None, :], mask=rmask,
-                                                  other=0.0).to(tl.float32)))
+                qg = _unpack_rows(
+                    _opaque(
+                        tl.load(q + (qrow0 + gq + o_c * HQ)[:, None] * M + o_m[None, :], mask=rmask, other=0.0).to(
+                            tl.float32
+                        )
+                    )
+                )
                 Qs = Qs + (qg,)
                 Hr = _uniform_row(hgram + (qrow0 + gq + (BCC - 1) * HQ) * BCC, BCC)  # do_15 . v_l
                 Un = ()
@@ -199,7 +263,7 @@ def bwd_scan_kernel(
                 Pre = Pre + (A,)
                 A = A * As[j]
             QO = ()  # per query head: q_j prod_{l<=j} a_l, the weight of do_j in g_b
-            for gq in tl.static_range(G):
+            for gq in tl.static_range(G):  # noqa: B007
                 QO = QO + (tl.zeros([BCC, BM], dtype=tl.float32),)
             DC = tl.zeros([BCC, BM], dtype=tl.float32)
             DW = tl.zeros([BCC, BM], dtype=tl.float32)  # dc_j prod_{l<j} a_l: the weight of v_j in g_b
@@ -219,8 +283,9 @@ def bwd_scan_kernel(
                     ns = Ns[j]
                 else:
                     ns = tl.full([BM], 1.0, dtype=tl.float32)
-                dc, dgamma, dvv, dns = _gate_grads(Cs[j], Gs[j], VVs[j], ns, As[j], Bs[j],
-                                                   x, U[j], dns_new, ORTHOGONAL, NORMALIZE)
+                dc, dgamma, dvv, dns = _gate_grads(
+                    Cs[j], Gs[j], VVs[j], ns, As[j], Bs[j], x, U[j], dns_new, ORTHOGONAL, NORMALIZE
+                )
                 dc = tl.where(m_mask, dc, 0.0)
                 DC = tl.where(o_r == j, dc[None, :], DC)
                 if EXACT:
@@ -264,7 +329,9 @@ def bwd_scan_kernel(
             g_new = gE * _opaque(A)[None, :]
             Vf = tl.load(v + (row0 + o_c * H)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
             for gq in tl.static_range(G):
-                DOg = tl.load(do + (qrow0 + gq + o_c * HQ)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
+                DOg = tl.load(do + (qrow0 + gq + o_c * HQ)[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(
+                    tl.float32
+                )
                 g_new += tl.dot(tl.trans(DOg), QO[gq], input_precision=PREC)
             if EXACT:
                 g_new += tl.dot(tl.trans(Vf), DW, input_precision=PREC)
@@ -294,11 +361,30 @@ def _level_dq(Hm, As, Bs, h: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit(do_not_specialize=["NC"])  # one build for every chunk count
 def bwd_dq_kernel(
-    do, k, v, beta, gram, hgram, c_in, ns_in, states, dq,
-    T, NC,
-    HQ: tl.constexpr, H: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-    BCC: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-    ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr, PREC: tl.constexpr,
+    do,
+    k,
+    v,
+    beta,
+    gram,
+    hgram,
+    c_in,
+    ns_in,
+    states,
+    dq,
+    T,
+    NC,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    BCC: tl.constexpr,
+    CS: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+    ORTHOGONAL: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    TRACK_NS: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """``dq_t = S_t^T do_t`` over one chunk, walking its sub-chunks from the stored chunk-start state:
     ``dq = (dO S_b) * A + sum_{j<=t} (do_t . v_j) b_j prod_{j<l<=t} a_l`` (the sum as in :func:`_intra`)."""
@@ -311,8 +397,11 @@ def bwd_dq_kernel(
     d_mask = o_d < D
     o_c = tl.arange(0, BCC)
     i_bh = i_b * H + i_h
-    S = tl.load(states + (i_bh.to(tl.int64) * NC + i_c) * D * M + o_d[:, None] * M + o_k[None, :],
-                mask=d_mask[:, None] & k_mask[None, :], other=0.0)
+    S = tl.load(
+        states + (i_bh.to(tl.int64) * NC + i_c) * D * M + o_d[:, None] * M + o_k[None, :],
+        mask=d_mask[:, None] & k_mask[None, :],
+        other=0.0,
+    )
     tok0 = i_b.to(tl.int64) * T * H + i_h
     qtok0 = i_b.to(tl.int64) * T * HQ + i_hq
     vd_mask = (o_c < BCC)[:, None] & d_mask[None, :]
@@ -324,8 +413,9 @@ def bwd_dq_kernel(
         qrows = qtok0 + (t0 + o_c).to(tl.int64) * HQ
         DO = tl.load(do + qrows[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
         Hm = tl.load(hgram + qrows[:, None] * BCC + o_c[None, :])  # do_t . v_j
-        As, Bs = _sub_gates(c_in, ns_in, k, beta, gram, tok0 + t0 * H, o_c, o_k, k_mask, H, M, BCC,
-                            ORTHOGONAL, NORMALIZE, TRACK_NS)
+        As, Bs = _sub_gates(
+            c_in, ns_in, k, beta, gram, tok0 + t0 * H, o_c, o_k, k_mask, H, M, BCC, ORTHOGONAL, NORMALIZE, TRACK_NS
+        )
         P = _seg_prefix(As, 16, False)
         acc = tl.dot(DO, S, input_precision=PREC) * _pack_all(P)
         acc += tl.dot(tl.where(r == c, Hm, 0.0), _pack_all(Bs), input_precision=PREC)
@@ -342,11 +432,32 @@ def bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=["NC"])  # one build for every chunk count
 def bwd_dv_kernel(
-    q, do, k, v, beta, gram, c_in, ns_in, dc_in, dvv_in, g_in, dv,
-    T, NC,
-    HQ: tl.constexpr, H: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-    BCC: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    EXACT: tl.constexpr, ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr,
+    q,
+    do,
+    k,
+    v,
+    beta,
+    gram,
+    c_in,
+    ns_in,
+    dc_in,
+    dvv_in,
+    g_in,
+    dv,
+    T,
+    NC,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    BCC: tl.constexpr,
+    CS: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    EXACT: tl.constexpr,
+    ORTHOGONAL: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    TRACK_NS: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """Adds ``g_t b_t + 2 v_t sum_i dvv`` to dv: the write's share, walking the chunk backwards from the stored
@@ -362,8 +473,11 @@ def bwd_dv_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     v_mask = o_v < D
     o_c = tl.arange(0, BCC)
-    g = tl.load(g_in + (i_bh.to(tl.int64) * NC + i_c) * D * M + o_v[:, None] * M + o_k[None, :],
-                mask=v_mask[:, None] & k_mask[None, :], other=0.0)
+    g = tl.load(
+        g_in + (i_bh.to(tl.int64) * NC + i_c) * D * M + o_v[:, None] * M + o_k[None, :],
+        mask=v_mask[:, None] & k_mask[None, :],
+        other=0.0,
+    )
     tok0 = i_b.to(tl.int64) * T * H + i_h
     qtok0 = i_b.to(tl.int64) * T * HQ + i_h * G
     xk_mask = (o_c < BCC)[:, None] & k_mask[None, :]
@@ -374,8 +488,9 @@ def bwd_dv_kernel(
     while rr >= 0:
         t0 = c_lo + rr * BCC
         rows = tok0 + (t0 + o_c).to(tl.int64) * H
-        As, Bs = _sub_gates(c_in, ns_in, k, beta, gram, tok0 + t0 * H, o_c, o_k, k_mask, H, M, BCC,
-                            ORTHOGONAL, NORMALIZE, TRACK_NS)
+        As, Bs = _sub_gates(
+            c_in, ns_in, k, beta, gram, tok0 + t0 * H, o_c, o_k, k_mask, H, M, BCC, ORTHOGONAL, NORMALIZE, TRACK_NS
+        )
         P = _seg_prefix(As, 16, False)
         Vf = tl.load(v + rows[:, None] * D + o_v[None, :], mask=xv_mask, other=0.0).to(tl.float32)
         dvv = tl.sum(tl.load(dvv_in + rows[:, None] * M + o_k[None, :], mask=xk_mask, other=0.0), 1)

@@ -35,8 +35,18 @@ from .triton_common import (
 
 
 @triton.jit
-def fwd_gram_kernel(x, v, out, T, HX: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BCC: tl.constexpr,
-                     BD: tl.constexpr, PREC: tl.constexpr):
+def fwd_gram_kernel(
+    x,
+    v,
+    out,
+    T,
+    HX: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BCC: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """``out[b, t, hx, l] = x_t . v_{t0 + l}`` within each sub-chunk (``x`` is v itself or the output gradient)."""
     i_t, i_bx = tl.program_id(0), tl.program_id(1)
     i_b, i_hx = i_bx // HX, i_bx % HX
@@ -55,11 +65,29 @@ def fwd_gram_kernel(x, v, out, T, HX: tl.constexpr, H: tl.constexpr, D: tl.const
 
 @triton.jit(do_not_specialize=["NC"])  # one build for every chunk count
 def fwd_scan_kernel(
-    k, v, beta, s_init, gram, c_out, ns_out, states, s_final, scratch,
-    T, NC,
-    H: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-    BCC: tl.constexpr, CS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    EXACT: tl.constexpr, ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr,
+    k,
+    v,
+    beta,
+    s_init,
+    gram,
+    c_out,
+    ns_out,
+    states,
+    s_final,
+    scratch,
+    T,
+    NC,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    BCC: tl.constexpr,
+    CS: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    EXACT: tl.constexpr,
+    ORTHOGONAL: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    TRACK_NS: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """The sequential gate scan: stores ``c`` (and ``||s||^2``) per token and the state at every chunk start.
@@ -89,7 +117,12 @@ def fwd_scan_kernel(
         ns = tl.full([BM], 1.0, dtype=tl.float32)
     ns_c = ns
     tok0 = i_b.to(tl.int64) * T * H + i_h  # row of token t of this head in (B, T, H, .) tensors: tok0 + t * H
-    p_sc = scratch + (i_bh * tl.num_programs(0) + i_m).to(tl.int64) * BD * BM + o_d[:, None] * BM + tl.arange(0, BM)[None, :]
+    p_sc = (
+        scratch
+        + (i_bh * tl.num_programs(0) + i_m).to(tl.int64) * BD * BM
+        + o_d[:, None] * BM
+        + tl.arange(0, BM)[None, :]
+    )
     vd_mask = (o_c < BCC)[:, None] & d_mask[None, :]
     rmask = (o_c < BCC)[:, None] & m_mask[None, :]
     # the V, k and beta tiles of the next sub-chunk load while this one sweeps (first ones here)
@@ -171,12 +204,31 @@ def fwd_scan_kernel(
 
 @triton.jit(do_not_specialize=["NC"])  # one build for every chunk count
 def fwd_read_kernel(
-    x, k, v, beta, gram, c_in, ns_in, states, out,
-    T, NC,
-    HX: tl.constexpr, H: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-    BCC: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    EXCLUSIVE: tl.constexpr, FROZEN: tl.constexpr,
-    ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr, PREC: tl.constexpr,
+    x,
+    k,
+    v,
+    beta,
+    gram,
+    c_in,
+    ns_in,
+    states,
+    out,
+    T,
+    NC,
+    HX: tl.constexpr,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    BCC: tl.constexpr,
+    CS: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    EXCLUSIVE: tl.constexpr,
+    FROZEN: tl.constexpr,
+    ORTHOGONAL: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    TRACK_NS: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """``out_t = S_t x_t`` over one chunk (the outputs, x = q); with EXCLUSIVE ``S_{t-1} x_t`` (dv's gate term,
     x = dc) plus dv's share of ``dc`` through the write, ``sum_{t>j} M[t, j] v_t``, which is the same exclusive
@@ -194,8 +246,11 @@ def fwd_read_kernel(
     v_mask = o_v < D
     o_c = tl.arange(0, BCC)
     i_bh = i_b * H + i_h
-    S = tl.load(states + (i_bh.to(tl.int64) * NC + i_c) * D * M + o_v[:, None] * M + o_k[None, :],
-                mask=v_mask[:, None] & k_mask[None, :], other=0.0)
+    S = tl.load(
+        states + (i_bh.to(tl.int64) * NC + i_c) * D * M + o_v[:, None] * M + o_k[None, :],
+        mask=v_mask[:, None] & k_mask[None, :],
+        other=0.0,
+    )
     tok0 = i_b.to(tl.int64) * T * H + i_h
     xtok0 = i_b.to(tl.int64) * T * HX + i_hx
     xk_mask = (o_c < BCC)[:, None] & k_mask[None, :]
@@ -208,8 +263,9 @@ def fwd_read_kernel(
         if FROZEN:
             o = tl.dot(X, tl.trans(S), input_precision=PREC)
         else:
-            As, Bs = _sub_gates(c_in, ns_in, k, beta, gram, tok0 + t0 * H, o_c, o_k, k_mask, H, M, BCC,
-                                ORTHOGONAL, NORMALIZE, TRACK_NS)
+            As, Bs = _sub_gates(
+                c_in, ns_in, k, beta, gram, tok0 + t0 * H, o_c, o_k, k_mask, H, M, BCC, ORTHOGONAL, NORMALIZE, TRACK_NS
+            )
             Xs = _unpack_rows(X)
             P = _seg_prefix(As, 16, EXCLUSIVE)  # decay from the sub-chunk start to t (EXCLUSIVE: to t - 1)
             Mt = _intra(X, Xs, As, Bs, EXCLUSIVE, False, PREC)

@@ -86,8 +86,23 @@ def _gate_grads(c, gamma, vv, ns, a, b, da, db, dns_new, ORTHOGONAL: tl.constexp
 
 
 @triton.jit
-def _tile_gates(c_in, ns_in, k, beta, gram, tok, o_c, t_mask, o_m, m_mask, M: tl.constexpr, BCC: tl.constexpr,
-                ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr):
+def _tile_gates(
+    c_in,
+    ns_in,
+    k,
+    beta,
+    gram,
+    tok,
+    o_c,
+    t_mask,
+    o_m,
+    m_mask,
+    M: tl.constexpr,
+    BCC: tl.constexpr,
+    ORTHOGONAL: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    TRACK_NS: tl.constexpr,
+):
     """Gates of a sub-chunk ``[BC, BM]`` from the stored ``c``; padded tokens and slots get ``a = 1, b = 0``."""
     mask = t_mask[:, None] & m_mask[None, :]
     c = tl.load(c_in + tok[:, None] * M + o_m[None, :], mask=mask, other=0.0)
@@ -104,8 +119,23 @@ def _tile_gates(c_in, ns_in, k, beta, gram, tok, o_c, t_mask, o_m, m_mask, M: tl
 
 
 @triton.jit
-def _sub_gates(c_in, ns_in, k, beta, gram, row0, o_c, o_k, k_mask, H: tl.constexpr, M: tl.constexpr,
-               BCC: tl.constexpr, ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr, TRACK_NS: tl.constexpr):
+def _sub_gates(
+    c_in,
+    ns_in,
+    k,
+    beta,
+    gram,
+    row0,
+    o_c,
+    o_k,
+    k_mask,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    BCC: tl.constexpr,
+    ORTHOGONAL: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    TRACK_NS: tl.constexpr,
+):
     """Gates ``a, b`` of a 16-token sub-chunk (token ``j`` at row ``row0 + j * H`` of the kv-head tensors) as
     per-thread rows: the ``c`` and ``k`` tiles are unpacked once (:func:`_unpack_rows`), ``beta`` and ``||v||^2``
     are uniform scalar loads, and every gate is computed in that one layout (tile gates would be recomputed in
@@ -169,7 +199,7 @@ def _split_bits(x, BITS: tl.constexpr):
     """The ``2**BITS`` slices of ``x`` along its last ``BITS`` dimensions (each of size 2) as a tuple in index order
     (the first of those dimensions is the high bit): register splits only, no data crosses lanes."""
     t = (x,)
-    for i in tl.static_range(BITS):
+    for i in tl.static_range(BITS):  # noqa: B007
         t = _split_all(t)
     out = ()
     for j in tl.static_range(1 << BITS):
@@ -407,8 +437,9 @@ def _prefetch(p, ROW: tl.constexpr):
             lines = p[:, None] + tl.minimum(tl.arange(0, 4) * EPL, ROW - 1)[None, :]
         else:
             lines = p[:, None] + tl.minimum(tl.arange(0, 8) * EPL, ROW - 1)[None, :]
-        tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+        tl.inline_asm_elementwise(
+            "prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32, is_pure=False, pack=1
+        )
 
 
 def _pow2(x: int) -> int:

@@ -59,8 +59,16 @@ def compile_many(calls) -> None:
         q, v = inputs[0], inputs[2]
         train = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
         # every shape but T (the kernels' blocking depends on the batch; T's chunk count is not specialised)
-        key = (q.dtype, q.shape[0], q.shape[2], *v.shape[2:], q.shape[3], train, q.device,
-               tuple(sorted(options.items())))
+        key = (
+            q.dtype,
+            q.shape[0],
+            q.shape[2],
+            *v.shape[2:],
+            q.shape[3],
+            train,
+            q.device,
+            tuple(sorted(options.items())),
+        )
         if key not in _compiled and key not in [t[0] for t in todo] and os.environ.get("TRITON_INTERPRET") != "1":
             todo.append((key, [x.detach().requires_grad_(train) for x in inputs], options, train))
     if not todo:
@@ -72,5 +80,7 @@ def compile_many(calls) -> None:
                 if train:
                     torch.autograd.grad(o, inputs, torch.zeros_like(o), allow_unused=True)
     except Exception as error:  # only a speed-up: the kernels still build one by one on first launch
-        warnings.warn(f"parallel build of the Lattice kernels failed, building on first launch instead: {error!r}")
+        warnings.warn(
+            f"parallel build of the Lattice kernels failed, building on first launch instead: {error!r}", stacklevel=2
+        )
     _compiled.update(t[0] for t in todo)

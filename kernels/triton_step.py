@@ -21,9 +21,21 @@ from .triton_common import _gates
 
 @triton.jit
 def _step_kernel(
-    q, k, v, beta, s_in, s_out, o,
-    HQ: tl.constexpr, H: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-    ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr,
+    q,
+    k,
+    v,
+    beta,
+    s_in,
+    s_out,
+    o,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+    ORTHOGONAL: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_b = i_bh // H
@@ -76,8 +88,22 @@ def lattice_step_triton(
     o = torch.empty(B, HQ, D, device=q.device, dtype=q.dtype)
     BK, BD = max(16, triton.next_power_of_2(M)), max(16, triton.next_power_of_2(D))
     _step_kernel[(B * H,)](
-        q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), state, out_state, o,
-        HQ, H, M, D, BK, BD, orthogonal, normalize, num_warps=8 if BK * BD >= 8192 else 4,
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        beta.contiguous(),
+        state,
+        out_state,
+        o,
+        HQ,
+        H,
+        M,
+        D,
+        BK,
+        BD,
+        orthogonal,
+        normalize,
+        num_warps=8 if BK * BD >= 8192 else 4,
     )
     return o, out_state
 
@@ -130,10 +156,28 @@ def _code(weight, x, o_k, o_d, k_mask, d_mask, M: tl.constexpr, D: tl.constexpr,
 
 @triton.jit
 def _decode_layer_kernel(
-    qkv, beta_logit, cos, sin, wq, wk, norm_w, state, o, cos_stride, eps,
-    HQ: tl.constexpr, H: tl.constexpr, M: tl.constexpr, D: tl.constexpr, N_ELEM: tl.constexpr,
-    BK: tl.constexpr, BD: tl.constexpr, FEATURE: tl.constexpr, ROPE: tl.constexpr,
-    ORTHOGONAL: tl.constexpr, NORMALIZE: tl.constexpr,
+    qkv,
+    beta_logit,
+    cos,
+    sin,
+    wq,
+    wk,
+    norm_w,
+    state,
+    o,
+    cos_stride,
+    eps,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    N_ELEM: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+    FEATURE: tl.constexpr,
+    ROPE: tl.constexpr,
+    ORTHOGONAL: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_b = i_bh // H
@@ -211,9 +255,28 @@ def lattice_decode_layer_triton(
     o = torch.empty(B, HQ * D, device=qkv.device, dtype=qkv.dtype)
     BK, BD = max(16, triton.next_power_of_2(M)), max(16, triton.next_power_of_2(D))
     _decode_layer_kernel[(B * H,)](
-        qkv, beta_logit.contiguous(), cos, sin,
-        q_code.contiguous(), k_code.contiguous(), norm_weight.contiguous(), state, o, cos_stride, eps,
-        HQ, H, M, D, n_elem, BK, BD, FEATURE_MAP_IDS[feature_map], rope, orthogonal, normalize,
+        qkv,
+        beta_logit.contiguous(),
+        cos,
+        sin,
+        q_code.contiguous(),
+        k_code.contiguous(),
+        norm_weight.contiguous(),
+        state,
+        o,
+        cos_stride,
+        eps,
+        HQ,
+        H,
+        M,
+        D,
+        n_elem,
+        BK,
+        BD,
+        FEATURE_MAP_IDS[feature_map],
+        rope,
+        orthogonal,
+        normalize,
         num_warps=8 if BK * BD >= 8192 else 4,
     )
     return o
