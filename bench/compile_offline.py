@@ -2,7 +2,7 @@
 shape"): a stand-in driver reports an sm_90 target, and Triton's jit cache hook compiles each launch's kernel with
 ``triton.compile`` and times it instead of launching. ``MLIR_ENABLE_TIMING=1`` adds Triton's per-pass times.
 
-    SHAPE=B,T,H,m,d DT=bfloat16 GATES=exact ONLY=_bwd_scan python bench/compile_offline.py
+    SHAPE=B,T,H,m,d DT=bfloat16 GATES=exact ONLY=bwd_scan python bench/compile_offline.py
 """
 
 import os

@@ -1,9 +1,11 @@
-"""One device call: several copies of kernels/triton_chunk.py side by side in one process. Each copy is checked
+"""One device call: several copies of the chunkwise kernels side by side in one process. Each copy is checked
 against the float64 reference, timed (forward and forward+backward, the same inputs for every copy, each copy
 twice), compared with the first copy on the timed inputs, and profiled per kernel.
 
-KCMP_VERSIONS lists the copies as ``name=path`` pairs separated by commas; a path may end with ``:ATTR=VALUE;...``
-to set module attributes of that copy (e.g. ``v6_scan4=k.py:SCAN_WARPS=4``; the same path twice is one build).
+KCMP_VERSIONS lists the copies as ``name=path`` pairs separated by commas: a path is a copy of the ``kernels/``
+folder (its ``triton_chunk`` is used) or, for versions before the split by stage, a single ``triton_chunk.py``. It
+may end with ``:ATTR=VALUE;...`` to set attributes of that copy's ``triton_chunk`` (e.g.
+``v6_scan4=k.py:SCAN_WARPS=4``; the same path twice is one build).
 The first copy is the baseline of the agreement check. KCMP_CHECK (comma-separated names, default all) picks the
 copies checked against the float64 reference (``-``: none), KCMP_CASES (indices into CASES) the cases, KCMP_SHAPES
 the timed shapes (``16x2048,1x32768`` by default).
@@ -77,9 +79,15 @@ def version(name):
     path, attrs = VERSIONS[name]
     path = str(Path(path).resolve())
     if path not in _MODULES:
-        spec = importlib.util.spec_from_file_location(f"kcmp_{len(_MODULES)}", path)
+        name = f"kcmp_{len(_MODULES)}"
+        package = Path(path).is_dir()  # a copy of kernels/: its modules import each other relatively
+        spec = importlib.util.spec_from_file_location(name, Path(path, "__init__.py") if package else path,
+                                                      submodule_search_locations=[path] if package else None)
         mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
         spec.loader.exec_module(mod)
+        if package:
+            mod = importlib.import_module(f"{name}.triton_chunk")
         _MODULES[path] = (mod, {k: getattr(mod, k) for k in dir(mod) if k.isupper()})
     mod, defaults = _MODULES[path]
     for attr, value in {**defaults, **attrs}.items():

@@ -1,7 +1,7 @@
 """Forward+backward of the Triton kernels at B=1, three times, for Nsight Compute to profile the two sweeps (the
 third pass; the first two compile and warm). Version 9 in docs/design.md ran it on an H100 as
 
-    ncu --clock-control none --kernel-name regex:"_(fwd|bwd)_scan_kernel" --launch-skip 4 --launch-count 2 \
+    ncu --clock-control none --kernel-name regex:"(fwd|bwd)_scan_kernel" --launch-skip 4 --launch-count 2 \
         --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy \
         --section SourceCounters --section ComputeWorkloadAnalysis -o sweeps python3 bench/ncu_sweeps.py
     ncu --import sweeps.ncu-rep --page details                              # -> results/ncu_sweeps_h100.txt

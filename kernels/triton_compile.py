@@ -1,7 +1,7 @@
 """Parallel first-use compilation of the chunkwise Triton kernels.
 
 Triton compiles a kernel on its first launch, one kernel after another: a new (m, d, dtype, gates, flags) combination
-paid the sum of seven builds, most of it the reverse sweep's (``_bwd_scan_kernel``; Triton's Coalesce and
+paid the sum of seven builds, most of it the reverse sweep's (``bwd_scan_kernel``; Triton's Coalesce and
 RemoveLayoutConversions passes over its unrolled 16-token body take nearly all of it). :func:`compile_once` instead
 runs the forward and backward once on the real arguments with every launch of the chunkwise kernels turned into
 a compile-only warm-up under Triton's ``AsyncCompileMode``: all builds run at once on a thread pool (Triton releases
@@ -18,17 +18,19 @@ from contextlib import contextmanager
 import torch
 from triton.runtime.jit import JITFunction
 
-from . import triton_chunk, triton_gates_bwd, triton_gates_fwd
+from . import triton_chunk_bwd, triton_chunk_fwd, triton_gates_bwd, triton_gates_fwd
 
 _compiled: set[tuple] = set()
 
 
 @contextmanager
 def _compile_only(*modules):
-    """Inside: launches of the ``modules``' jit kernels compile (asynchronously) and do not run."""
+    """Inside: launches of the ``modules``' jit kernels compile (asynchronously) and do not run. Each function is
+    patched once, however many of the modules import it (they share :mod:`triton_common`'s helpers)."""
     from triton.runtime._async_compile import AsyncCompileMode
 
-    kernels = [f for module in modules for f in vars(module).values() if isinstance(f, JITFunction)]
+    found = (f for module in modules for f in vars(module).values() if isinstance(f, JITFunction))
+    kernels = list({id(f): f for f in found}.values())
     for kernel in kernels:
         kernel.run = (lambda run: lambda *args, grid, warmup, **kw: run(*args, grid=grid, warmup=True, **kw))(
             JITFunction.run.__get__(kernel)
@@ -57,18 +59,28 @@ def compile_many(calls) -> None:
         q, v = inputs[0], inputs[2]
         train = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
         # every shape but T (the kernels' blocking depends on the batch; T's chunk count is not specialised)
-        key = (q.dtype, q.shape[0], q.shape[2], *v.shape[2:], q.shape[3], train, q.device,
-               tuple(sorted(options.items())))
+        key = (
+            q.dtype,
+            q.shape[0],
+            q.shape[2],
+            *v.shape[2:],
+            q.shape[3],
+            train,
+            q.device,
+            tuple(sorted(options.items())),
+        )
         if key not in _compiled and key not in [t[0] for t in todo] and os.environ.get("TRITON_INTERPRET") != "1":
             todo.append((key, [x.detach().requires_grad_(train) for x in inputs], options, train))
     if not todo:
         return
     try:
-        with _compile_only(triton_chunk, triton_gates_fwd, triton_gates_bwd), torch.enable_grad():
+        with _compile_only(triton_chunk_fwd, triton_chunk_bwd, triton_gates_fwd, triton_gates_bwd), torch.enable_grad():
             for _, inputs, options, train in todo:
                 o, _ = chunk_lattice_triton(*inputs, **options)
                 if train:
                     torch.autograd.grad(o, inputs, torch.zeros_like(o), allow_unused=True)
     except Exception as error:  # only a speed-up: the kernels still build one by one on first launch
-        warnings.warn(f"parallel build of the Lattice kernels failed, building on first launch instead: {error!r}")
+        warnings.warn(
+            f"parallel build of the Lattice kernels failed, building on first launch instead: {error!r}", stacklevel=2
+        )
     _compiled.update(t[0] for t in todo)

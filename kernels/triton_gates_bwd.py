@@ -1,8 +1,8 @@
 """The reverse gate pass by matmuls (docs/math.md §4, §4b), in place of the per-token reverse sweep of
-:mod:`triton_chunk`, for the forward of :mod:`triton_gates_fwd`.
+:mod:`triton_chunk_bwd`, for the forward of :mod:`triton_gates_fwd`.
 
 With ``g_t`` the cumulative log-gate from the chunk start, ``G_t`` the gradient of the state after token ``t`` and
-``dq`` the gradient of the read codes (from :mod:`triton_chunk`'s dq pass, computed first), per slot:
+``dq`` the gradient of the read codes (from :mod:`triton_chunk_bwd`'s dq pass, computed first), per slot:
 
     db_t           = v_t . G_t
     dL / d g_t     = q_t dq_t - b_t db_t + dc_{t+1} c_{t+1}    (last term: exact gates only, whose token t+1
@@ -22,25 +22,50 @@ One program per (batch, kv head, block of BM slots) walks the chunks backwards a
 sub-chunks backwards, carrying ``G`` (``[D, BM]``): per sub-chunk ``V G`` and, per query head,
 ``mask(V dO^T) (Q e^g)`` and ``dO^T (Q e^g)`` are matmuls; ``e^{-g}`` spans 16 tokens only. It writes what the
 sweep writes (``dc``, ``d gamma``, ``d ||v||^2`` per token, the state gradient at every chunk end after the
-retraction, the gradient of the initial state), so the dv passes of :mod:`triton_chunk` run unchanged.
+retraction, the gradient of the initial state), so the dv passes of :mod:`triton_chunk_fwd` and
+:mod:`triton_chunk_bwd` run unchanged.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_chunk import BC, _gate_grads, _gates, _pow2
+from .triton_common import BC, _gate_grads, _gates, _pow2
 from .triton_gates_fwd import GATE_WARPS, _slot_block
 
 
 @triton.jit
 def _frozen_reverse_kernel(
-    q, do, k, v, beta, c_in, qdq, states, norms, s_final, d_final,
-    dc_out, dgamma_out, dvv_out, g_out, d_init,
-    T, NC,
-    HQ: tl.constexpr, H: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-    BCC: tl.constexpr, CS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    EXACT: tl.constexpr, ITERS: tl.constexpr, HAS_DFINAL: tl.constexpr, ORTHOGONAL: tl.constexpr,
+    q,
+    do,
+    k,
+    v,
+    beta,
+    c_in,
+    qdq,
+    states,
+    norms,
+    s_final,
+    d_final,
+    dc_out,
+    dgamma_out,
+    dvv_out,
+    g_out,
+    d_init,
+    T,
+    NC,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    BCC: tl.constexpr,
+    CS: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    EXACT: tl.constexpr,
+    ITERS: tl.constexpr,
+    HAS_DFINAL: tl.constexpr,
+    ORTHOGONAL: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """``qdq``: ``sum over the group's query heads of q * dq`` ``(B, T, H, M)`` float32. ``T`` a multiple of BCC.
@@ -87,7 +112,8 @@ def _frozen_reverse_kernel(
             tile = rows[:, None] * M + o_m[None, :]
             V = tl.load(v + rows[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
             gamma = tl.load(beta + rows).to(tl.float32)[:, None] * tl.load(k + tile, mask=tm_mask, other=0.0).to(
-                tl.float32)
+                tl.float32
+            )
             c = tl.load(c_in + tile, mask=tm_mask, other=0.0)
             vv = tl.sum(V * V, 1)[:, None]
             a, b, _ = _gates(c, gamma, vv, ones, ORTHOGONAL, True)
@@ -102,8 +128,9 @@ def _frozen_reverse_kernel(
                 qrows = qtok0 + gq + (t0 + o_t).to(tl.int64) * HQ
                 QL = tl.load(q + qrows[:, None] * M + o_m[None, :], mask=tm_mask, other=0.0).to(tl.float32) * eg
                 DO = tl.load(do + qrows[:, None] * D + o_d[None, :], mask=vd_mask, other=0.0).to(tl.float32)
-                intra += tl.dot(tl.where(later, tl.dot(V, tl.trans(DO), input_precision=PREC), 0.0), QL,
-                                input_precision=PREC)
+                intra += tl.dot(
+                    tl.where(later, tl.dot(V, tl.trans(DO), input_precision=PREC), 0.0), QL, input_precision=PREC
+                )
                 gS += tl.dot(tl.trans(DO), QL, input_precision=PREC)
             db += intra / eg
             qdq_t = tl.load(qdq + tile, mask=tm_mask, other=0.0)
@@ -113,13 +140,14 @@ def _frozen_reverse_kernel(
                 carry = tl.where(o_t[:, None] == BCC - 1, next_dcc[None, :], 0.0)
                 dc = tl.zeros([BCC, BM], dtype=tl.float32)
                 db_fixed = db
-                for it in tl.static_range(ITERS + 1):
+                for it in tl.static_range(ITERS + 1):  # noqa: B007
                     db = db_fixed + tl.dot(feedback, dc * ep, input_precision=PREC) / eg
                     dg = qdq_t + tl.dot(shift, dc * c, input_precision=PREC) + carry - b * db
                     sub_sum = tl.sum(dg, 0)
                     dlog_a = later_sum[None, :] + sub_sum[None, :] - tl.cumsum(dg, 0) + dg
-                    dc, dgamma, dvv, _ = _gate_grads(c, gamma, vv, ones, a, b, dlog_a / a, db, ones * 0.0,
-                                                     ORTHOGONAL, True)
+                    dc, dgamma, dvv, _ = _gate_grads(
+                        c, gamma, vv, ones, a, b, dlog_a / a, db, ones * 0.0, ORTHOGONAL, True
+                    )
                     dc = tl.where(m_mask[None, :], dc, 0.0)
                 next_dcc = tl.sum(tl.where(o_t[:, None] == 0, dc * c, 0.0), 0)
                 gS += tl.dot(tl.trans(V), dc * ep, input_precision=PREC)
@@ -127,8 +155,7 @@ def _frozen_reverse_kernel(
                 dg = qdq_t - b * db
                 sub_sum = tl.sum(dg, 0)
                 dlog_a = later_sum[None, :] + sub_sum[None, :] - tl.cumsum(dg, 0) + dg
-                dc, dgamma, dvv, _ = _gate_grads(c, gamma, vv, ones, a, b, dlog_a / a, db, ones * 0.0,
-                                                 ORTHOGONAL, True)
+                dc, dgamma, dvv, _ = _gate_grads(c, gamma, vv, ones, a, b, dlog_a / a, db, ones * 0.0, ORTHOGONAL, True)
                 dc = tl.where(m_mask[None, :], dc, 0.0)
                 pend += tl.dot(tl.trans(V), dc, input_precision=PREC)
             later_sum += sub_sum
@@ -141,9 +168,26 @@ def _frozen_reverse_kernel(
     tl.store(d_init + i_bh.to(tl.int64) * D * M + s_off, gS, mask=s_mask)
 
 
-def matmul_reverse_pass(q, do, k, v, beta, c, qdq, states, norms, final, d_final, *, chunk_size: int, exact: bool,
-                        iters: int, orthogonal: bool, prec: str):
-    """``(dc, dgamma, dvv, g_end, d_init)`` as :mod:`triton_chunk`'s reverse sweep returns them.
+def matmul_reverse_pass(
+    q,
+    do,
+    k,
+    v,
+    beta,
+    c,
+    qdq,
+    states,
+    norms,
+    final,
+    d_final,
+    *,
+    chunk_size: int,
+    exact: bool,
+    iters: int,
+    orthogonal: bool,
+    prec: str,
+):
+    """``(dc, dgamma, dvv, g_end, d_init)`` as :mod:`triton_chunk_bwd`'s reverse sweep returns them.
 
     Contiguous ``q, do (B, T, HQ, .)``, ``k, v (B, T, H, .)``, ``beta (B, T, H)``; ``c``, ``qdq`` ``(B, T, H, M)``,
     ``states``, ``norms``, ``final`` from :func:`triton_gates_fwd.matmul_gate_pass`; ``d_final`` or None.
@@ -157,9 +201,37 @@ def matmul_reverse_pass(q, do, k, v, beta, c, qdq, states, norms, final, d_final
     g_end = torch.empty_like(states)
     d_init = torch.empty_like(final)
     _frozen_reverse_kernel[(triton.cdiv(M, bm), B * H)](
-        q, do, k, v, beta, c, qdq, states, norms, final, d_final if d_final is not None else final,
-        dc, dgamma, dvv, g_end, d_init, T, NC,
-        HQ, H, M, D, BC, chunk_size, bm, _pow2(D), exact, iters if exact else 0, d_final is not None, orthogonal,
-        PREC=prec, num_warps=GATE_WARPS,
+        q,
+        do,
+        k,
+        v,
+        beta,
+        c,
+        qdq,
+        states,
+        norms,
+        final,
+        d_final if d_final is not None else final,
+        dc,
+        dgamma,
+        dvv,
+        g_end,
+        d_init,
+        T,
+        NC,
+        HQ,
+        H,
+        M,
+        D,
+        BC,
+        chunk_size,
+        bm,
+        _pow2(D),
+        exact,
+        iters if exact else 0,
+        d_final is not None,
+        orthogonal,
+        PREC=prec,
+        num_warps=GATE_WARPS,
     )
     return dc, dgamma, dvv, g_end, d_init

@@ -1,5 +1,5 @@
 """The forward gate pass by matmuls: frozen chunk gates (docs/math.md §4) or exact gates by fixed-point iteration
-(docs/math.md §4b), in place of the sequential per-token sweep of :mod:`triton_chunk`.
+(docs/math.md §4b), in place of the sequential per-token sweep of :mod:`triton_chunk_fwd`.
 
 One program per (batch, kv head, block of BM slots) walks the sequence (slots are independent given the values);
 per step of BT tokens it does ``P = V S`` (a matmul), the gates elementwise, cumulative log-gates along the tokens
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_chunk import _gates, _pow2, _sm_count
+from .triton_common import _gates, _pow2, _sm_count
 
 FP_SUB = 16  # tokens per fixed-point sub-chunk (tl.dot needs >= 16; docs/math.md §4b measured its convergence)
 BT_FROZEN = 64  # most tokens per step of the frozen-gate pass
@@ -38,8 +38,9 @@ def _log_cumsum(a):
 
 
 @triton.jit
-def _load_step(k, v, beta, tok0, t0, T, o_t, o_d, d_mask, o_m, m_mask, H: tl.constexpr, M: tl.constexpr,
-               D: tl.constexpr):
+def _load_step(
+    k, v, beta, tok0, t0, T, o_t, o_d, d_mask, o_m, m_mask, H: tl.constexpr, M: tl.constexpr, D: tl.constexpr
+):
     """The V, k and beta tiles of the step starting at token ``t0`` (zeros past ``T``: identity tokens)."""
     t_mask = t0 + o_t < T
     rows = tok0 + (t0 + o_t).to(tl.int64) * H
@@ -50,11 +51,28 @@ def _load_step(k, v, beta, tok0, t0, T, o_t, o_d, d_mask, o_m, m_mask, H: tl.con
 
 @triton.jit
 def _matmul_gates_kernel(
-    k, v, beta, s_init, c_out, states, s_final, norms, res_out,
-    T, NC,
-    H: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-    CS: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    FIXED_POINT: tl.constexpr, ITERS: tl.constexpr, KEEP_START: tl.constexpr, ORTHOGONAL: tl.constexpr,
+    k,
+    v,
+    beta,
+    s_init,
+    c_out,
+    states,
+    s_final,
+    norms,
+    res_out,
+    T,
+    NC,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    CS: tl.constexpr,
+    BT: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    FIXED_POINT: tl.constexpr,
+    ITERS: tl.constexpr,
+    KEEP_START: tl.constexpr,
+    ORTHOGONAL: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """Stores ``c`` per token ``(B, T, H, M)``, the state at every chunk start ``(B, H, NC, D, M)`` (columns
@@ -155,8 +173,29 @@ def matmul_gate_pass(k, v, beta, state, *, chunk_size: int, exact: bool, iters: 
     n_mb = triton.cdiv(M, bm)
     residual = torch.zeros(B * H * n_mb, device=k.device, dtype=torch.float32)
     _matmul_gates_kernel[(n_mb, B * H)](
-        k, v, beta, state, c, states, final, norms, residual, T, NC,
-        H, M, D, chunk_size, bt, bm, _pow2(D), exact, iters if exact else 0, not exact and bt < chunk_size,
-        orthogonal, PREC=prec, num_warps=GATE_WARPS,
+        k,
+        v,
+        beta,
+        state,
+        c,
+        states,
+        final,
+        norms,
+        residual,
+        T,
+        NC,
+        H,
+        M,
+        D,
+        chunk_size,
+        bt,
+        bm,
+        _pow2(D),
+        exact,
+        iters if exact else 0,
+        not exact and bt < chunk_size,
+        orthogonal,
+        PREC=prec,
+        num_warps=GATE_WARPS,
     )
     return c, states, final, norms, residual.max()

@@ -2,7 +2,7 @@
 
 One program per (batch, kv head) holds the whole ``d x m`` float32 state in registers: it reads the state once,
 writes it once and reads it for every query head of the group, so a step costs one pass over the cache whatever
-the context length. Gates come from :func:`triton_chunk._gates` (one formula for every kernel).
+the context length. Gates come from :func:`triton_common._gates` (one formula for every kernel).
 
 - :func:`lattice_step_triton`: the state update and read alone; reference ``kernels/recurrent.py:recurrent_step``.
 - :func:`lattice_decode_layer_triton`: everything a Lattice layer does to one token between its qkv matmul and its
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_chunk import _gates
+from .triton_common import _gates
 
 
 @triton.jit

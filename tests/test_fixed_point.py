@@ -110,7 +110,12 @@ def test_auto_solver_picks_the_matmul_passes_for_frozen_gates_only(monkeypatch):
         )
 
     monkeypatch.setattr(ops, "resolve_backend", lambda *a, **k: "triton")
-    monkeypatch.setattr("lattice_plugin.kernels.triton_chunk.chunk_lattice_triton", fake_triton)
+    # the module ops imports from sys.modules: the Triton tests re-import the kernel modules, which can leave the
+    # package attribute that a dotted-string monkeypatch resolves pointing at a stale copy
+    from importlib import import_module
+
+    entry = import_module("lattice_plugin.kernels.triton_chunk")
+    monkeypatch.setattr(entry, "chunk_lattice_triton", fake_triton)
     q, k, v, beta, s0 = (x.detach() for x in make_inputs(1, 20, 1, 1, 4, 3))
     for gates, normalize in [("chunk", True), ("exact", True), ("chunk", False)]:
         lattice_attention(q, k, v, beta, s0[0], gates=gates, normalize=normalize, chunk_size=16)
