@@ -47,11 +47,13 @@ def build_times(only: str | None = None) -> list:
     def hook(*, fn, compile, **_):
         if only and not any(name in fn.name for name in only.split(",")):
             return True
-        source = triton.compiler.ASTSource(fn.jit_function, compile["signature"], compile["constants"],
-                                           compile["configs"][0])
+        source = triton.compiler.ASTSource(
+            fn.jit_function, compile["signature"], compile["constants"], compile["configs"][0]
+        )
         started = time.perf_counter()
-        triton.compile(source, target=TARGET, options=dict(num_warps=compile["num_warps"],
-                                                           num_stages=compile["num_stages"]))
+        triton.compile(
+            source, target=TARGET, options=dict(num_warps=compile["num_warps"], num_stages=compile["num_stages"])
+        )
         times.append((fn.name, round(time.perf_counter() - started, 1)))
         print(f"{fn.name}: {times[-1][1]} s", flush=True)
         return True  # built and timed: skip the launch

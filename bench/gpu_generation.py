@@ -21,8 +21,18 @@ START = time.monotonic()
 OUT = Path(os.environ.get("OUT", "out/gpu-generation"))
 BUDGET_S = float(os.environ.get("GEN_BUDGET_S", "400"))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TINY = dict(block_size=1024, vocab_size=500, padded_vocab_size=512, n_layer=4, n_embd=32, n_head=4, n_query_groups=4,
-            head_size=8, intermediate_size=64, lattice_slots=6)  # GEN_TINY=1: a dry run of this script on the CPU
+TINY = dict(
+    block_size=1024,
+    vocab_size=500,
+    padded_vocab_size=512,
+    n_layer=4,
+    n_embd=32,
+    n_head=4,
+    n_query_groups=4,
+    head_size=8,
+    intermediate_size=64,
+    lattice_slots=6,
+)  # GEN_TINY=1: a dry run of this script on the CPU
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float32: 1e-4}  # relative error of the logits
 
 
@@ -59,8 +69,13 @@ def check(kind: str, dtype: torch.dtype) -> dict:
     chunked = model(idx)[:, 199:519].float()
     paths = {mode: decode_logits(model, idx, 200, mode) for mode in ("graph", "eager", "eager_unfused")}
     paths["chunked"] = chunked
-    pairs = [("graph", "eager"), ("eager", "eager_unfused"), ("eager", "chunked"), ("graph", "chunked"),
-             ("eager_unfused", "chunked")]
+    pairs = [
+        ("graph", "eager"),
+        ("eager", "eager_unfused"),
+        ("eager", "chunked"),
+        ("graph", "chunked"),
+        ("eager_unfused", "chunked"),
+    ]
     result = {"kind": kind, "dtype": str(dtype).removeprefix("torch."), "tolerance": TOLERANCE[dtype]}
     for a, b in pairs:
         result[f"{a} vs {b}"] = dict(
@@ -84,24 +99,34 @@ def main() -> None:
         for dtype in (torch.bfloat16, torch.float32):
             try:
                 checks.append(check(kind, dtype))
-            except Exception:  # noqa: BLE001 (record and go on: one call gives everything)
+            except Exception:
                 checks.append({"kind": kind, "dtype": str(dtype), "error": traceback.format_exc()[-2000:]})
             print(json.dumps(checks[-1]), flush=True)
-            (OUT / "correctness.json").write_text(json.dumps(
-                dict(device=device_name, torch=torch.__version__, shape="134M (random weights), "
-                     "batch 2, prefill 200, 319 decode steps", checks=checks), indent=1))
+            (OUT / "correctness.json").write_text(
+                json.dumps(
+                    dict(
+                        device=device_name,
+                        torch=torch.__version__,
+                        shape="134M (random weights), batch 2, prefill 200, 319 decode steps",
+                        checks=checks,
+                    ),
+                    indent=1,
+                )
+            )
     from lattice_plugin.bench_generation import BUILTIN_134M, run_generation_bench
 
     results = {}
     try:
         remaining = BUDGET_S - (time.monotonic() - START)
-        tiny = dict(fields={**BUILTIN_134M, **TINY},
-                    contexts=(40, 200), steps=3) if os.environ.get("GEN_TINY") else {}
-        shapes = {key: tuple(int(x) for x in os.environ[f"GEN_{key.upper()}"].split(","))
-                  for key in ("batches", "contexts") if os.environ.get(f"GEN_{key.upper()}")}
+        tiny = dict(fields={**BUILTIN_134M, **TINY}, contexts=(40, 200), steps=3) if os.environ.get("GEN_TINY") else {}
+        shapes = {
+            key: tuple(int(x) for x in os.environ[f"GEN_{key.upper()}"].split(","))
+            for key in ("batches", "contexts")
+            if os.environ.get(f"GEN_{key.upper()}")
+        }
         reserve = float(os.environ.get("GEN_RESERVE_S", "25"))  # for the plot and the table
         results = run_generation_bench(OUT, time_budget_s=remaining - reserve, name="generation", **{**shapes, **tiny})
-    except Exception:  # noqa: BLE001
+    except Exception:
         traceback.print_exc()
     print("\n== correctness (relative error of logits, pass within tolerance)")
     for c in checks:
@@ -112,8 +137,10 @@ def main() -> None:
         print(f"{c['kind']:>8} {c['dtype']:>9}  pass={c['pass']}  {errs}")
     print("\n== decode ms per token")
     for row in results.get("decode", []):
-        print(f"{row['method']:>22} B={row['batch']:>3} ctx={row['context']:>7} {row['ms_per_token']:8.3f} ms "
-              f"{row['tokens_per_s']:9.0f} tok/s")
+        print(
+            f"{row['method']:>22} B={row['batch']:>3} ctx={row['context']:>7} {row['ms_per_token']:8.3f} ms "
+            f"{row['tokens_per_s']:9.0f} tok/s"
+        )
     print("\n== prefill ms")
     for row in results.get("prefill", []):
         print(f"{row['kind']:>10} B={row['batch']:>3} T={row['context']:>7} {row['ms']:9.1f}")

@@ -39,6 +39,7 @@ def check_case(case) -> dict:
     """One correctness case: Triton vs the float64 chunkwise reference (the recurrence for T=1)."""
     from lattice_plugin.kernels.chunk import chunk_lattice
     from lattice_plugin.kernels.recurrent import recurrent_lattice
+
     from lattice_plugin.ops import lattice_attention
 
     name, B, T, Hq, H, m, d, dtype, gates, per_batch = case
@@ -56,8 +57,14 @@ def check_case(case) -> dict:
         init = torch.randn(B, H, d, m, device="cuda") if per_batch else None
         ins = [x.to(dt).requires_grad_() for x in (q, k, v, beta)]
         leaves = [s0.clone().requires_grad_()] + ([init.clone().requires_grad_()] if per_batch else [])
-        o, f = lattice_attention(*ins, leaves[0], gates=mode, initial_state=leaves[1] if per_batch else None,
-                                 output_final_state=True, backend="triton")
+        o, f = lattice_attention(
+            *ins,
+            leaves[0],
+            gates=mode,
+            initial_state=leaves[1] if per_batch else None,
+            output_final_state=True,
+            backend="triton",
+        )
         d_o, d_f = torch.randn(o.shape, device="cuda"), torch.randn(f.shape, device="cuda")
         ((o.float() * d_o).sum() + (f * d_f).sum()).backward()
         if name.startswith("warm"):
@@ -124,12 +131,18 @@ def streaming_decode(tokens: int = 1_000_000, per_graph: int = 1000) -> dict:
             graph.replay()
         torch.cuda.synchronize()
     dev = (state.norm(dim=-2) - 1).abs().max().item()
-    return dict(tokens=tokens, max_norm_deviation=dev, ok=dev <= 1e-3, finite=bool(torch.isfinite(state).all()),
-                seconds=round(time.time() - started, 1))
+    return dict(
+        tokens=tokens,
+        max_norm_deviation=dev,
+        ok=dev <= 1e-3,
+        finite=bool(torch.isfinite(state).all()),
+        seconds=round(time.time() - started, 1),
+    )
 
 
 def decode_correctness() -> dict:
     from lattice_plugin.kernels.recurrent import recurrent_step
+
     from lattice_plugin.ops import lattice_step
 
     B, Hq, H, m, d = 8, 32, 8, 64, 128
@@ -145,10 +158,10 @@ def decode_correctness() -> dict:
 
 def scan_warps() -> list:
     """The sequential sweeps (forward scan, reverse scan) of 16-bit inputs at 1, 2 and 4 warps per program."""
+    from lattice_plugin.kernels import triton_chunk as tc
     from triton.testing import do_bench
 
     from lattice_plugin.bench import lattice_inputs
-    from lattice_plugin.kernels import triton_chunk as tc
     from lattice_plugin.ops import lattice_attention
 
     rows = []
@@ -163,10 +176,19 @@ def scan_warps() -> list:
         for warps in (1, 2, 4):
             tc.FWD_SCAN_WARPS = tc.BWD_SCAN_WARPS = warps
             with torch.no_grad():
-                fwd = do_bench(lambda: lattice_attention(*inputs, backend="triton"), warmup=10, rep=100,
-                               return_mode="median")
-            rows.append(dict(B=B, T=T, m=64, warps=warps, fwd_ms=fwd,
-                             fwd_bwd_ms=do_bench(train, warmup=10, rep=100, return_mode="median")))
+                fwd = do_bench(
+                    lambda: lattice_attention(*inputs, backend="triton"), warmup=10, rep=100, return_mode="median"
+                )
+            rows.append(
+                dict(
+                    B=B,
+                    T=T,
+                    m=64,
+                    warps=warps,
+                    fwd_ms=fwd,
+                    fwd_bwd_ms=do_bench(train, warmup=10, rep=100, return_mode="median"),
+                )
+            )
             print(rows[-1], flush=True)
     tc.FWD_SCAN_WARPS, tc.BWD_SCAN_WARPS = default
     return rows

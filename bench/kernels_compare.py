@@ -81,8 +81,9 @@ def version(name):
     if path not in _MODULES:
         name = f"kcmp_{len(_MODULES)}"
         package = Path(path).is_dir()  # a copy of kernels/: its modules import each other relatively
-        spec = importlib.util.spec_from_file_location(name, Path(path, "__init__.py") if package else path,
-                                                      submodule_search_locations=[path] if package else None)
+        spec = importlib.util.spec_from_file_location(
+            name, Path(path, "__init__.py") if package else path, submodule_search_locations=[path] if package else None
+        )
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
@@ -151,13 +152,21 @@ def check_case(name_case) -> dict:
     errors["d_initial_state" if per_batch else "ds0"] = err(leaf.grad, rleaf.grad)
     worst = max(errors.values())
     finite = all(torch.isfinite(x).all().item() for x in [o, f, leaf.grad] + [x.grad for x in ins])
-    return dict(version=which, case=name, errors=errors, worst=worst, ok=bool(finite and worst <= TOL[dtype]),
-                compile_s=round(compiled, 1), seconds=round(time.time() - started, 1))
+    return dict(
+        version=which,
+        case=name,
+        errors=errors,
+        worst=worst,
+        ok=bool(finite and worst <= TOL[dtype]),
+        compile_s=round(compiled, 1),
+        seconds=round(time.time() - started, 1),
+    )
 
 
 def inputs(B, T, requires_grad=True):
-    from lattice_plugin.bench import lattice_inputs
     from lattice_plugin.kernels.gates import normalize_slots
+
+    from lattice_plugin.bench import lattice_inputs
 
     q, k, v, beta, s0 = lattice_inputs(B, T, HEADS, HEADS, M, D, requires_grad=requires_grad, device=DEV)
     return q, k, v, beta, s0, lambda s: normalize_slots(s).unsqueeze(0).expand(B, -1, -1, -1)
@@ -224,18 +233,26 @@ def timings(report: dict, save) -> None:
         names = ["o", "dq", "dk", "dv", "dbeta", "ds0"]
         for other in VERSIONS:
             if other != base:
-                agree.append(dict(B=B, T=T, pair=f"{other} vs {base}",
-                                  **{n: rel(a, b) for n, a, b in zip(names, outs[other], outs[base])}))
+                agree.append(
+                    dict(
+                        B=B,
+                        T=T,
+                        pair=f"{other} vs {base}",
+                        **{n: rel(a, b) for n, a, b in zip(names, outs[other], outs[base])},
+                    )
+                )
                 print(agree[-1], flush=True)
         save()
         if not DRY:
             for name in VERSIONS:
                 mod = version(name)
-                kernels[f"{name} B={B},T={T}"] = _kernel_times(lambda mod=mod: torch.autograd.grad(
-                    mod.chunk_lattice_triton(q, k, v, beta, state(s0))[0], leaves, grad))
+                kernels[f"{name} B={B},T={T}"] = _kernel_times(
+                    lambda mod=mod: torch.autograd.grad(
+                        mod.chunk_lattice_triton(q, k, v, beta, state(s0))[0], leaves, grad
+                    )
+                )
                 print(name, B, T, {k_: round(v_, 3) for k_, v_ in kernels[f"{name} B={B},T={T}"].items()}, flush=True)
             save()
-        del q, k, v, beta, s0, grad, outs
         if not DRY:
             torch.cuda.empty_cache()
     for B, T in SHAPES if GLA else []:  # the comparator last: its autotuning takes a while on a fresh machine
@@ -260,8 +277,12 @@ def main() -> None:
     device = "cpu (dry run)" if DRY else torch.cuda.get_device_name()
     card = "cpu" if DRY else "h200" if "H200" in device else "h100" if "H100" in device else "gpu"
     path = OUT / f"kernels_compare_{card}.json"
-    report = dict(device=device, torch=torch.__version__, versions={n: [p, a] for n, (p, a) in VERSIONS.items()},
-                  script=Path(__file__).read_text())
+    report = dict(
+        device=device,
+        torch=torch.__version__,
+        versions={n: [p, a] for n, (p, a) in VERSIONS.items()},
+        script=Path(__file__).read_text(),
+    )
     import triton
 
     report["triton"] = triton.__version__

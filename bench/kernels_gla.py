@@ -114,8 +114,9 @@ def residual(iters, q, k, v, beta, s0) -> float:
     k, v, beta = (torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], 1).contiguous() for x in (k, v, beta))
     state = normalize_slots(s0).unsqueeze(0).expand(q.shape[0], -1, -1, -1).contiguous()
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    *_, res = matmul_gate_pass(k, v, beta, state, chunk_size=CS_EXACT, exact=True, iters=iters, orthogonal=True,
-                               prec=prec)
+    *_, res = matmul_gate_pass(
+        k, v, beta, state, chunk_size=CS_EXACT, exact=True, iters=iters, orthogonal=True, prec=prec
+    )
     return res.item()
 
 
@@ -226,19 +227,24 @@ def timings(report, save, broken) -> None:
             if options.get("gate_solver") == "fixed_point" and options["gates"] == "exact":
                 row["residual"] = residual(options["fixed_point_iters"], *leaves)
             rows.append(row)
-            print(f"{name:>17} {B:>3}x{T:<6} fwd {fwd:8.3f} ms  fwd+bwd {train:8.3f} ms"
-                  + (f"  residual {row['residual']:.1e}" if "residual" in row else ""), flush=True)
+            print(
+                f"{name:>17} {B:>3}x{T:<6} fwd {fwd:8.3f} ms  fwd+bwd {train:8.3f} ms"
+                + (f"  residual {row['residual']:.1e}" if "residual" in row else ""),
+                flush=True,
+            )
             save()
         if (B, T) == SHAPES[-1] and not DRY:
             for name in {"exact_scan", "exact_fp4", "chunk_scan", "chunk_matmul"} - broken:
                 with torch.no_grad():
                     report["fwd_kernel_ms"][f"{name} {B}x{T}"] = _kernel_times(lambda: run(METHODS[name], *leaves))
-        del leaves, grad
         if not DRY and report["fla"]:
             try:
                 rows.append(chunk_gla_times(B, T))
-                print(f"{'fla_chunk_gla':>17} {B:>3}x{T:<6} fwd {rows[-1]['fwd_ms']:8.3f} ms  "
-                      f"fwd+bwd {rows[-1]['fwd_bwd_ms']:8.3f} ms", flush=True)
+                print(
+                    f"{'fla_chunk_gla':>17} {B:>3}x{T:<6} fwd {rows[-1]['fwd_ms']:8.3f} ms  "
+                    f"fwd+bwd {rows[-1]['fwd_bwd_ms']:8.3f} ms",
+                    flush=True,
+                )
             except Exception as error:  # an fla that cannot run here is reported, not fatal
                 report["skipped"].append(f"chunk_gla {B}x{T}: {error!r}"[:300])
         torch.cuda.empty_cache() if not DRY else None
@@ -280,9 +286,18 @@ def main() -> None:
         fla_version = getattr(fla, "__version__", "unknown")
     except ImportError:
         fla_version = None
-    report = dict(device=device, torch=torch.__version__, triton=triton.__version__, fla=fla_version,
-                  shapes=dict(H=HEADS, m=M, d=D, check_T=CHECK_T), warm=[], correctness=[], timings=[],
-                  fwd_kernel_ms={}, skipped=[])
+    report = dict(
+        device=device,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        fla=fla_version,
+        shapes=dict(H=HEADS, m=M, d=D, check_T=CHECK_T),
+        warm=[],
+        correctness=[],
+        timings=[],
+        fwd_kernel_ms={},
+        skipped=[],
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"kernels_gla_{card}.json"
 
@@ -322,11 +337,14 @@ def main() -> None:
                     continue
                 report["correctness"].append(row)
                 extra = f" residual {row['residual']:.1e}" if "residual" in row else ""
-                print(f"{'ok ' if row['ok'] else 'BAD'} {name:>13} {dtype:>8} {codes:>7} worst {row['worst']:.2e}"
-                      f" (o {row['errors']['o']:.1e}){extra}", flush=True)
+                print(
+                    f"{'ok ' if row['ok'] else 'BAD'} {name:>13} {dtype:>8} {codes:>7} worst {row['worst']:.2e}"
+                    f" (o {row['errors']['o']:.1e}){extra}",
+                    flush=True,
+                )
     save()
     if not DRY and fla_version:
-        import fla.ops.gla  # noqa: F401  (its kernels' modules, before their autotuners are trimmed)
+        import fla.ops.gla
 
         limit_fla_autotuning()
     timings(report, save, broken)
@@ -339,13 +357,18 @@ def main() -> None:
     print(f"\n{'method':>17} {'BxT':>8} {'fwd ms':>8} {'f+b ms':>8} {'fwd/gla':>8} {'f+b/gla':>8} residual")
     for r in report["timings"]:
         ref = gla.get((r["B"], r["T"]))
-        ratios = (f"{r['fwd_ms'] / ref['fwd_ms']:8.2f} {r['fwd_bwd_ms'] / ref['fwd_bwd_ms']:8.2f}" if ref
-                  else f"{'-':>8} {'-':>8}")
+        ratios = (
+            f"{r['fwd_ms'] / ref['fwd_ms']:8.2f} {r['fwd_bwd_ms'] / ref['fwd_bwd_ms']:8.2f}"
+            if ref
+            else f"{'-':>8} {'-':>8}"
+        )
         res = f"{r['residual']:.1e}" if "residual" in r else ""
         print(f"{r['method']:>17} {r['B']:>3}x{r['T']:<5} {r['fwd_ms']:8.3f} {r['fwd_bwd_ms']:8.3f} {ratios} {res}")
     bad = [r for r in report["correctness"] if not r["ok"]]
-    print(f"correctness: {len(report['correctness']) - len(bad)} ok, {len(bad)} failed; "
-          f"skipped: {report['skipped']}; done in {elapsed():.0f} s")
+    print(
+        f"correctness: {len(report['correctness']) - len(bad)} ok, {len(bad)} failed; "
+        f"skipped: {report['skipped']}; done in {elapsed():.0f} s"
+    )
 
 
 if __name__ == "__main__":

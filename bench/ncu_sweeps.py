@@ -13,10 +13,10 @@ Shapes: NCU_T tokens (8192), 16 heads, m = 64, d = 128, bf16.
 import os
 
 import torch
-
-from lattice_plugin.bench import lattice_inputs
 from lattice_plugin.kernels.gates import normalize_slots
 from lattice_plugin.kernels.triton_chunk import chunk_lattice_triton
+
+from lattice_plugin.bench import lattice_inputs
 
 B, T = 1, int(os.environ.get("NCU_T", 8192))
 q, k, v, beta, s0 = lattice_inputs(B, T, 16, 16, 64, 128, requires_grad=True, device="cuda")

@@ -15,7 +15,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
 from lattice_plugin.kernels.elementwise import CODE_MAPS, epilogue_reference, prologue_reference
 
 START = time.time()
@@ -44,8 +43,10 @@ def compare(fn, ref_fn, inputs, dtype) -> dict:
     grads = [torch.randn_like(r) for r in refs]
     torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(grads, outs)])
     torch.autograd.backward(refs, grads)
-    return dict(values=max(rel_err(o, r) for o, r in zip(outs, refs)),
-                grads=max(rel_err(x.grad, r.grad) for x, r in zip(ins, refs_in)))
+    return dict(
+        values=max(rel_err(o, r) for o, r in zip(outs, refs)),
+        grads=max(rel_err(x.grad, r.grad) for x, r in zip(ins, refs_in)),
+    )
 
 
 def check_fused() -> None:
@@ -56,27 +57,47 @@ def check_fused() -> None:
     rows = []
     model_shape, awkward = (3, 37, 12, 12, 64, 64), (2, 50, 6, 3, 20, 24)  # the bench's mixer; GQA, odd sizes
     cases = [(model_shape, torch.bfloat16, code) for code in CODE_MAPS] + [
-        (model_shape, torch.float32, "softmax"), (awkward, torch.bfloat16, "softmax"), (awkward, torch.bfloat16, "l2")]
+        (model_shape, torch.float32, "softmax"),
+        (awkward, torch.bfloat16, "softmax"),
+        (awkward, torch.bfloat16, "l2"),
+    ]
     for (B, T, Hq, H, m, d), dtype, code in cases:  # few variants: each is a build on the device
-        inputs = (torch.randn(B, T, Hq, m) * 2, torch.randn(B, T, H, m) * 2, torch.randn(B, T, H, d),
-                  torch.randn(B, T, H) * 2)
-        err = compare(lambda *a, code=code: prologue_triton(*a[:4], code, a[4]),
-                      lambda *a, code=code: prologue_reference(*a[:4], code, a[4]), inputs, dtype)
+        inputs = (
+            torch.randn(B, T, Hq, m) * 2,
+            torch.randn(B, T, H, m) * 2,
+            torch.randn(B, T, H, d),
+            torch.randn(B, T, H) * 2,
+        )
+        err = compare(
+            lambda *a, code=code: prologue_triton(*a[:4], code, a[4]),
+            lambda *a, code=code: prologue_reference(*a[:4], code, a[4]),
+            inputs,
+            dtype,
+        )
         rows.append(dict(stage="prologue", code=code, shape=[B, T, Hq, H, m, d], dtype=str(dtype), **err))
-    for (B, T, Hq, _, _, d), dtype, gated in ((model_shape, torch.bfloat16, True), (model_shape, torch.bfloat16, False),
-                                              (awkward, torch.float32, True)):
+    for (B, T, Hq, _, _, d), dtype, gated in (
+        (model_shape, torch.bfloat16, True),
+        (model_shape, torch.bfloat16, False),
+        (awkward, torch.float32, True),
+    ):
         inputs = [torch.randn(B, T, Hq, d), 1 + 0.3 * torch.randn(Hq, d)]
         inputs += [torch.randn(B, T, Hq * d)] if gated else []
-        err = compare(lambda o, w, *g: epilogue_triton(o, w, 1e-5, g[0] if len(g) > 1 else None, g[-1]),
-                      lambda o, w, *g: epilogue_reference(o, w, 1e-5, g[0] if len(g) > 1 else None, g[-1]),
-                      inputs, dtype)
+        err = compare(
+            lambda o, w, *g: epilogue_triton(o, w, 1e-5, g[0] if len(g) > 1 else None, g[-1]),
+            lambda o, w, *g: epilogue_reference(o, w, 1e-5, g[0] if len(g) > 1 else None, g[-1]),
+            inputs,
+            dtype,
+        )
         rows.append(dict(stage="epilogue", gated=gated, shape=[B, T, Hq, d], dtype=str(dtype), **err))
     for row in rows:
         row["ok"] = max(row["values"], row["grads"]) < TOL[torch.float32 if "32" in row["dtype"] else torch.bfloat16]
-    report["fused_checks"] = dict(all_ok=all(r["ok"] for r in rows), tolerance="1e-5 float32, 2e-2 bfloat16",
-                                  rows=rows)
-    print("fused checks:", "ok" if report["fused_checks"]["all_ok"] else "FAILED",
-          max(r["grads"] for r in rows), flush=True)
+    report["fused_checks"] = dict(all_ok=all(r["ok"] for r in rows), tolerance="1e-5 float32, 2e-2 bfloat16", rows=rows)
+    print(
+        "fused checks:",
+        "ok" if report["fused_checks"]["all_ok"] else "FAILED",
+        max(r["grads"] for r in rows),
+        flush=True,
+    )
     save()
 
 
@@ -97,9 +118,8 @@ def lattice_call(B, T, gates):
 def measure_compile() -> None:
     """First fwd+bwd of a fresh shape (bf16, m = d = 64, 12 heads, exact) with an empty Triton cache, per-kernel
     build times from Triton's compilation listener; then the remaining variants the bench needs, in one batch."""
-    from triton import knobs
-
     from lattice_plugin.kernels.triton_compile import compile_many
+    from triton import knobs
 
     builds = []
 
@@ -116,11 +136,15 @@ def measure_compile() -> None:
     started = time.perf_counter()
     run()
     second = time.perf_counter() - started
-    report["compile"] = dict(shape="B=8, T=2048, 12 heads, m=d=64, bf16, gates=exact, fwd+bwd",
-                             triton_cache_dir=os.environ.get("TRITON_CACHE_DIR"), first_call_s=first,
-                             second_call_s=second, builds=list(builds),
-                             sum_of_builds_s=sum(b["seconds"] for b in builds if not b["cache_hit"]),
-                             warnings=[str(w.message)[:300] for w in caught])
+    report["compile"] = dict(
+        shape="B=8, T=2048, 12 heads, m=d=64, bf16, gates=exact, fwd+bwd",
+        triton_cache_dir=os.environ.get("TRITON_CACHE_DIR"),
+        first_call_s=first,
+        second_call_s=second,
+        builds=list(builds),
+        sum_of_builds_s=sum(b["seconds"] for b in builds if not b["cache_hit"]),
+        warnings=[str(w.message)[:300] for w in caught],
+    )
     print("compile:", {k: v for k, v in report["compile"].items() if k != "builds"}, flush=True)
     save()
     if os.environ.get("OTHER_VARIANTS", "1") != "1":  # short of time: the rows build their variants on first use
@@ -135,9 +159,12 @@ def measure_compile() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compile_many(calls)
-    report["compile"]["other_variants"] = dict(what="gates=chunk at B=8; exact and chunk at B=2 (one batch)",
-                                               wall_s=time.perf_counter() - started, builds=list(builds),
-                                               warnings=[str(w.message)[:300] for w in caught])
+    report["compile"]["other_variants"] = dict(
+        what="gates=chunk at B=8; exact and chunk at B=2 (one batch)",
+        wall_s=time.perf_counter() - started,
+        builds=list(builds),
+        warnings=[str(w.message)[:300] for w in caught],
+    )
     knobs.compilation.listener = None
     save()
 
@@ -153,14 +180,22 @@ def main() -> int:
     for i, T in enumerate(int(x) for x in os.environ.get("SEQ_LENS", "2048,8192,32768").split(",")):
         if i and time.time() - START > float(os.environ.get("NEXT_IF_BEFORE_S", 240)):
             break  # each length is a complete file (model rows, then op rows): the next only while time is left
-        rows += run_train_bench(OUT, seq_lens=(T,), tokens=16384, warmup=3 if T < 32768 else 2,
-                                steps=int(os.environ.get("STEPS", 5)), name=f"train_T{T}",
-                                mixers=tuple(os.environ.get("MIXERS", ",".join(MIXERS)).split(",")))["model"]
+        rows += run_train_bench(
+            OUT,
+            seq_lens=(T,),
+            tokens=16384,
+            warmup=3 if T < 32768 else 2,
+            steps=int(os.environ.get("STEPS", 5)),
+            name=f"train_T{T}",
+            mixers=tuple(os.environ.get("MIXERS", ",".join(MIXERS)).split(",")),
+        )["model"]
     print(f"\n{'mixer':>14} {'T':>6} {'tokens/s':>10} {'peak GiB':>9} {'first step s':>12}")
     for row in rows:
         if "tokens_per_s" in row:
-            print(f"{row['method']:>14} {row['T']:>6} {row['tokens_per_s']:>10.0f} {row['peak_gib']:>9.1f} "
-                  f"{row['first_step_s']:>12.1f}")
+            print(
+                f"{row['method']:>14} {row['T']:>6} {row['tokens_per_s']:>10.0f} {row['peak_gib']:>9.1f} "
+                f"{row['first_step_s']:>12.1f}"
+            )
         else:
             print(f"{row['method']:>14} {row['T']:>6} {row.get('error', '')[:80]}")
     return 0 if report["fused_checks"]["all_ok"] else 1

@@ -35,12 +35,18 @@ def agreement(reference: list[float], other: list[float]) -> dict:
         "mean_abs_diff": statistics.mean(diffs),
         "max_abs_diff": max(diffs),
         "reference_step_noise": noise(reference),
-        "mean_last_quarter": {"reference": statistics.mean(reference[n - last : n]), "other": statistics.mean(other[n - last : n])},
+        "mean_last_quarter": {
+            "reference": statistics.mean(reference[n - last : n]),
+            "other": statistics.mean(other[n - last : n]),
+        },
     }
 
 
 def main(folder: Path) -> dict:
-    reports = {path.stem.removeprefix("distill-"): json.loads(path.read_text()) for path in sorted(folder.glob("distill-*.json"))}
+    reports = {
+        path.stem.removeprefix("distill-"): json.loads(path.read_text())
+        for path in sorted(folder.glob("distill-*.json"))
+    }
     summary: dict = {"runs": {}}
     for name, report in reports.items():
         env = report["environment"]
@@ -55,10 +61,14 @@ def main(folder: Path) -> dict:
             "tokens": report["tokens"],
             "tokens_per_sec": {s: r["steady_tokens_per_sec"] for s, r in report["stages"].items()},
             "tokens_per_sec_per_gpu": {
-                s: r["steady_tokens_per_sec"] / env["world_size"] for s, r in report["stages"].items() if r["steady_tokens_per_sec"]
+                s: r["steady_tokens_per_sec"] / env["world_size"]
+                for s, r in report["stages"].items()
+                if r["steady_tokens_per_sec"]
             },
             "peak_memory_gib_per_gpu": {
-                s: max(r["peak_memory_bytes_per_rank"]) / 2**30 for s, r in report["stages"].items() if r.get("peak_memory_bytes_per_rank")
+                s: max(r["peak_memory_bytes_per_rank"]) / 2**30
+                for s, r in report["stages"].items()
+                if r.get("peak_memory_bytes_per_rank")
             },
             "train_seconds": {s: r["train_seconds"] for s, r in report["stages"].items()},
             "decode": {k: v for k, v in report.get("decode", {}).items() if k != "tokens"},
@@ -72,12 +82,18 @@ def main(folder: Path) -> dict:
         entry = summary["runs"][name]
         world_size = report["environment"]["world_size"]
         entry["speedup_vs_1gpu"] = {
-            stage: report["stages"][stage]["steady_tokens_per_sec"] / reference["stages"][stage]["steady_tokens_per_sec"]
+            stage: report["stages"][stage]["steady_tokens_per_sec"]
+            / reference["stages"][stage]["steady_tokens_per_sec"]
             for stage in report["stages"]
-            if reference["stages"].get(stage, {}).get("steady_tokens_per_sec") and report["stages"][stage]["steady_tokens_per_sec"]
+            if reference["stages"].get(stage, {}).get("steady_tokens_per_sec")
+            and report["stages"][stage]["steady_tokens_per_sec"]
         }
-        entry["scaling_efficiency"] = {stage: speedup / world_size for stage, speedup in entry["speedup_vs_1gpu"].items()}
-        entry["loss_curve_vs_1gpu"] = {stage: agreement(curve(reference, stage), curve(report, stage)) for stage in report["stages"]}
+        entry["scaling_efficiency"] = {
+            stage: speedup / world_size for stage, speedup in entry["speedup_vs_1gpu"].items()
+        }
+        entry["loss_curve_vs_1gpu"] = {
+            stage: agreement(curve(reference, stage), curve(report, stage)) for stage in report["stages"]
+        }
     return summary
 
 
@@ -86,7 +102,9 @@ def one_gpu_run(name: str, reports: dict) -> dict | None:
     match = RUN_NAME.match(name)
     if match is None:
         return None
-    candidates = sorted(other for other in reports if (m := RUN_NAME.match(other)) and m["model"] == match["model"] and m["gpus"] == "1")
+    candidates = sorted(
+        other for other in reports if (m := RUN_NAME.match(other)) and m["model"] == match["model"] and m["gpus"] == "1"
+    )
     return reports[candidates[0]] if candidates else None
 
 

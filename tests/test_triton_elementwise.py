@@ -18,7 +18,6 @@ for _name in [n for n in sys.modules if n.startswith("lattice_plugin.kernels.tri
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
-
 from lattice_plugin.kernels.elementwise import CODE_MAPS, epilogue_reference, prologue_reference  # noqa: E402
 from lattice_plugin.kernels.triton_epilogue import epilogue_triton  # noqa: E402
 from lattice_plugin.kernels.triton_prologue import prologue_triton  # noqa: E402
@@ -54,18 +53,23 @@ def check(fn, ref_fn, inputs, dtype, out_dtype):
 def test_prologue(code, dtype):
     B, T, Hq, H, m, d = 2, 7, 6, 3, 20, 24
     qkv = torch.randn(B, T, (Hq + 2 * H) * d)
-    v = qkv[..., (Hq + H) * d:].view(B, T, H, d)  # a strided view, as litgpt's fused qkv split gives it
+    v = qkv[..., (Hq + H) * d :].view(B, T, H, d)  # a strided view, as litgpt's fused qkv split gives it
     inputs = (torch.randn(B, T, Hq, m) * 2, torch.randn(B, T, H, m) * 2, v, torch.randn(B, T, H) * 2)
 
-    check(lambda q, k, v, b, dt: prologue_triton(q, k, v, b, code, dt),
-          lambda q, k, v, b, dt: prologue_reference(q, k, v, b, code, dt), inputs, dtype, dtype)
+    check(
+        lambda q, k, v, b, dt: prologue_triton(q, k, v, b, code, dt),
+        lambda q, k, v, b, dt: prologue_reference(q, k, v, b, code, dt),
+        inputs,
+        dtype,
+        dtype,
+    )
 
 
 def test_prologue_strided_values():
     """The values enter as a view of the fused projection (token stride > heads x d): no copy, same result."""
     B, T, Hq, H, m, d = 2, 5, 4, 2, 16, 24
     qkv = torch.randn(B, T, (Hq + 2 * H) * d, requires_grad=True)
-    v = qkv[..., (Hq + H) * d:].view(B, T, H, d)
+    v = qkv[..., (Hq + H) * d :].view(B, T, H, d)
     q, k, beta = torch.randn(B, T, Hq, m), torch.randn(B, T, H, m), torch.randn(B, T, H)
     out = prologue_triton(q, k, v, beta, "softmax", torch.float32)[2]
     ref = prologue_reference(q, k, v.detach().clone(), beta, "softmax", torch.float32)[2]
@@ -73,7 +77,7 @@ def test_prologue_strided_values():
     grad = torch.randn_like(out)
     out.backward(grad)
     qkv_ref = qkv.detach().double().requires_grad_()
-    v_ref = qkv_ref[..., (Hq + H) * d:].view(B, T, H, d)
+    v_ref = qkv_ref[..., (Hq + H) * d :].view(B, T, H, d)
     torch.nn.functional.normalize(v_ref, dim=-1).backward(grad.double())
     assert rel_err(qkv.grad, qkv_ref.grad) < 1e-5
 

@@ -7,17 +7,18 @@ and residual) and against the recurrence (gradients converge with the iterations
 inputs every run.
 """
 
+# isort: off
+from test_triton_kernels import check, random_inputs, rel_err  # first: it switches Triton's interpreter on
+# isort: on
+
 import pytest
-from test_triton_kernels import check, random_inputs, rel_err  # switches the interpreter on first
-
-import torch  # noqa: E402
-
-from lattice_plugin.kernels.chunk import chunk_lattice  # noqa: E402
-from lattice_plugin.kernels.fixed_point import fixed_point_lattice  # noqa: E402
-from lattice_plugin.kernels.gates import normalize_slots  # noqa: E402
-from lattice_plugin.kernels.recurrent import recurrent_lattice  # noqa: E402
-from lattice_plugin.kernels.triton_chunk import chunk_lattice_triton  # noqa: E402
-from lattice_plugin.kernels.triton_gates_fwd import matmul_gate_pass  # noqa: E402
+import torch
+from lattice_plugin.kernels.chunk import chunk_lattice
+from lattice_plugin.kernels.fixed_point import fixed_point_lattice
+from lattice_plugin.kernels.gates import normalize_slots
+from lattice_plugin.kernels.recurrent import recurrent_lattice
+from lattice_plugin.kernels.triton_chunk import chunk_lattice_triton
+from lattice_plugin.kernels.triton_gates_fwd import matmul_gate_pass
 
 
 def compare(dtype, shape, *, gates, reference, chunk_size=64, iters=16, orthogonal=True, inputs=None):
@@ -25,8 +26,15 @@ def compare(dtype, shape, *, gates, reference, chunk_size=64, iters=16, orthogon
     q, k, v, beta, s0 = inputs if inputs is not None else random_inputs(*shape, per_batch_state=True)
     ins = [x.detach().to(dtype, copy=True).requires_grad_() for x in (q, k, v, beta)]
     s_leaf = s0.clone().requires_grad_()
-    o, final = chunk_lattice_triton(*ins, normalize_slots(s_leaf), chunk_size=chunk_size, gates=gates,
-                                    orthogonal=orthogonal, gate_solver="fixed_point", fixed_point_iters=iters)
+    o, final = chunk_lattice_triton(
+        *ins,
+        normalize_slots(s_leaf),
+        chunk_size=chunk_size,
+        gates=gates,
+        orthogonal=orthogonal,
+        gate_solver="fixed_point",
+        fixed_point_iters=iters,
+    )
     d_o, d_final = torch.randn(o.shape), torch.randn(final.shape)
     ((o.float() * d_o).sum() + (final * d_final).sum()).backward()
     refs = [x.detach().double().requires_grad_() for x in ins]
@@ -55,8 +63,9 @@ def test_frozen_gates_float32(shape, chunk_size):
 def test_frozen_gates_additive_write():
     """``orthogonal=False`` (the additive write then retraction) through both matmul passes."""
     reference = lambda *x: chunk_lattice(*x, chunk_size=32, gates="chunk", orthogonal=False)  # noqa: E731
-    errors = compare(torch.float32, (1, 45, 2, 1, 20, 24), gates="chunk", chunk_size=32, orthogonal=False,
-                     reference=reference)
+    errors = compare(
+        torch.float32, (1, 45, 2, 1, 20, 24), gates="chunk", chunk_size=32, orthogonal=False, reference=reference
+    )
     check(errors, torch.float32)
 
 

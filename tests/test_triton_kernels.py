@@ -20,12 +20,11 @@ for _name in [n for n in sys.modules if n.startswith("lattice_plugin.kernels.tri
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
-
+from lattice_plugin.kernels import triton_chunk  # noqa: E402  (after it: the freshly imported module)
 from lattice_plugin.kernels.chunk import chunk_lattice  # noqa: E402
 from lattice_plugin.kernels.gates import normalize_slots  # noqa: E402
 from lattice_plugin.kernels.recurrent import recurrent_lattice, recurrent_step  # noqa: E402
 from lattice_plugin.kernels.triton_chunk import chunk_lattice_triton  # noqa: E402
-from lattice_plugin.kernels import triton_chunk  # noqa: E402  (after it: the freshly imported module)
 from lattice_plugin.kernels.triton_step import lattice_step_triton  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -45,8 +44,17 @@ def random_inputs(B, T, Hq, H, m, d, *, per_batch_state):
     return q, k, v, beta, s0
 
 
-def run_both(dtype, shape, *, gates="exact", orthogonal=True, normalize=True, chunk_size=64, per_batch_state=True,
-             reference="chunk"):
+def run_both(
+    dtype,
+    shape,
+    *,
+    gates="exact",
+    orthogonal=True,
+    normalize=True,
+    chunk_size=64,
+    per_batch_state=True,
+    reference="chunk",
+):
     """Forward and backward through the kernels and through the float64 reference; returns the relative errors."""
     B, T, Hq, H, m, d = shape
     q, k, v, beta, s0 = random_inputs(B, T, Hq, H, m, d, per_batch_state=per_batch_state)
@@ -134,8 +142,9 @@ def test_ablations_float32(orthogonal, normalize):
 @pytest.mark.parametrize("chunk_size,orthogonal,normalize", [(32, True, True), (16, True, False), (48, False, True)])
 def test_chunk_gates_float32(chunk_size, orthogonal, normalize):
     shape = (1, 50, 2, 1, 16, 16)
-    errors = run_both(torch.float32, shape, gates="chunk", chunk_size=chunk_size, orthogonal=orthogonal,
-                      normalize=normalize)
+    errors = run_both(
+        torch.float32, shape, gates="chunk", chunk_size=chunk_size, orthogonal=orthogonal, normalize=normalize
+    )
     check(errors, torch.float32)
 
 
@@ -164,8 +173,9 @@ def test_step_kernel(orthogonal, normalize):
     q, k, v, beta = torch.randn(B, Hq, m), torch.rand(B, H, m) * 2 - 1, torch.randn(B, H, d), torch.rand(B, H)
     v = torch.nn.functional.normalize(v, dim=-1)
     state = normalize_slots(torch.randn(B, H, d, m))
-    ro, rs = recurrent_step(state.double(), q.double(), k.double(), v.double(), beta.double(),
-                            orthogonal=orthogonal, normalize=normalize)
+    ro, rs = recurrent_step(
+        state.double(), q.double(), k.double(), v.double(), beta.double(), orthogonal=orthogonal, normalize=normalize
+    )
     o, new_state = lattice_step_triton(q, k, v, beta, state, orthogonal=orthogonal, normalize=normalize)
     assert rel_err(o, ro) < 1e-5 and rel_err(new_state, rs) < 1e-5
     o2, same = lattice_step_triton(q, k, v, beta, state, orthogonal=orthogonal, normalize=normalize, out_state=state)
