@@ -70,7 +70,7 @@ def limit_fla_autotune(max_configs: int = FLA_AUTOTUNE_CONFIGS) -> None:
 
 def build_model(mixer: str, T: int, device: torch.device, **shape) -> torch.nn.Module:
     """The 134M model (``shape`` overrides its fields) with ``mixer`` as its token mixer, float32 weights."""
-    from lattice_plugin.fla_mixer import FLA_MIXERS, use_fla_mixers
+    from lattice_plugin.fla_mixer import FLAMixer, fla_missing_reason
     from lattice_plugin.model import LatticeConfig, LatticeGPT
 
     layers = {"lattice_exact": "all", "lattice_chunk": "all", "hybrid": "attention_every:4"}.get(mixer, "none")
@@ -78,8 +78,19 @@ def build_model(mixer: str, T: int, device: torch.device, **shape) -> torch.nn.M
     config = LatticeConfig(block_size=T, lattice_layers=layers, lattice_gates=gates, **{**MODEL_134M, **shape})
     with torch.device(device):
         model = LatticeGPT(config)
-        if mixer in FLA_MIXERS:
-            use_fla_mixers(model, mixer)
+        if mixer.startswith("fla_"):  # FLA's layer in every block, keys as wide as Lattice's slots
+            reason = fla_missing_reason()
+            if reason is not None:
+                raise LatticeError(f"the FLA comparators cannot run: {reason}")
+            for index, block in enumerate(model.transformer.h):
+                block.attn = FLAMixer(
+                    mixer.removeprefix("fla_"),
+                    config.n_embd,
+                    config.n_head,
+                    config.head_size,
+                    config.lattice_slots,
+                    index,
+                )
     return model
 
 

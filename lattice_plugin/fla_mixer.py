@@ -1,60 +1,101 @@
-"""flash-linear-attention's token mixers in litgpt blocks: the peers ``lattice bench --train`` measures Lattice
-against, in the same model with everything else equal (optional ``fla`` extra; training only, no cache)."""
+"""flash-linear-attention's layers in litgpt's mixer slot: the peers `lattice bench --train` and `lattice recall`
+compare Lattice against in the same model (training only, no generation cache).
+
+Each layer gets the same recurrent state per head as a Lattice layer with ``m`` slots: ``m`` key dimensions by
+``head_size`` value dimensions, ``n_head`` heads. The layers keep FLA's own defaults otherwise (GLA's low-rank gates
+and output gate, DeltaNet's and Gated DeltaNet's short convolutions): they are compared as their authors ship them.
+FLA's kernels are Triton kernels for CUDA, so the layers are only offered where a GPU is present.
+"""
+
+import functools
+import importlib.util
+from typing import Any
 
 import torch
 import torch.nn as nn
-from litgpt import Config
 
 from lattice_plugin.errors import LatticeError
 
-FLA_MIXERS = ("fla_gla", "fla_deltanet")
+FLA_LAYERS = ("gla", "deltanet", "gated_deltanet")
+NO_CACHE = "FLA layers in litgpt blocks are for training comparisons; they have no generation cache"
 
 
-class FlaMixer(nn.Module):
-    """litgpt attention's call contract around an ``fla.layers`` module (which brings its own projections)."""
+@functools.cache
+def fla_missing_reason() -> str | None:
+    """Why FLA's layers cannot run here (None: they can)."""
+    if importlib.util.find_spec("fla") is None:
+        return "flash-linear-attention is not installed (pip install -e '.[fla]')"
+    if not torch.cuda.is_available():
+        return "flash-linear-attention's kernels need a CUDA GPU"
+    try:
+        import fla.layers  # noqa: F401
+    except Exception as error:  # any failure to import is the reason the rows are not run
+        return f"flash-linear-attention does not import: {type(error).__name__}: {str(error)[:200]}"
+    return None
 
-    def __init__(self, layer: nn.Module) -> None:
+
+def build_fla_layer(kind: str, hidden_size: int, n_head: int, head_size: int, slots: int, layer_idx: int) -> nn.Module:
+    """FLA's ``kind`` layer with ``n_head`` heads of ``slots`` key by ``head_size`` value dimensions."""
+    if kind == "gla":
+        from fla.layers import GatedLinearAttention
+
+        return GatedLinearAttention(
+            mode="chunk",
+            hidden_size=hidden_size,
+            expand_k=n_head * slots / hidden_size,
+            expand_v=n_head * head_size / hidden_size,
+            num_heads=n_head,
+            layer_idx=layer_idx,
+        )
+    if kind == "deltanet":
+        from fla.layers import DeltaNet
+
+        return DeltaNet(
+            mode="chunk",
+            hidden_size=hidden_size,
+            expand_k=n_head * slots / hidden_size,
+            expand_v=n_head * head_size / hidden_size,
+            num_heads=n_head,
+            layer_idx=layer_idx,
+        )
+    if kind == "gated_deltanet":
+        from fla.layers import GatedDeltaNet
+
+        return GatedDeltaNet(
+            mode="chunk",
+            hidden_size=hidden_size,
+            head_dim=slots,
+            expand_v=head_size / slots,
+            num_heads=n_head,
+            layer_idx=layer_idx,
+        )
+    raise LatticeError(f"unknown FLA layer {kind!r}; choose one of {', '.join(FLA_LAYERS)}")
+
+
+class FLAMixer(nn.Module):
+    """litgpt's mixer contract around an FLA layer: ``forward(x, cos, sin, mask, input_pos, input_pos_maxp1)``.
+
+    The layer mixes causally by itself and has no positional encoding of its own to receive (``cos``/``sin`` and the
+    mask are ignored). Generation is not offered: ``input_pos`` and ``build_kv_cache`` are refused.
+    """
+
+    def __init__(self, kind: str, hidden_size: int, n_head: int, head_size: int, slots: int, block_idx: int) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer = build_fla_layer(kind, hidden_size, n_head, head_size, slots, block_idx)
+        self.kv_cache = None
 
-    def forward(self, x: torch.Tensor, cos, sin, mask=None, input_pos=None, input_pos_maxp1=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        input_pos_maxp1: int | None = None,
+    ) -> torch.Tensor:
         if input_pos is not None:
-            raise LatticeError("the FLA comparators are for training only: no generation cache")
+            raise LatticeError(NO_CACHE)
         return self.layer(x)[0]
 
-
-def fla_mixer(kind: str, config: Config, layer_idx: int) -> FlaMixer:
-    """A GatedLinearAttention or DeltaNet layer with the model's width, heads and head size for keys and values."""
-    try:
-        from fla.layers import DeltaNet, GatedLinearAttention
-    except ImportError:
-        raise LatticeError("the FLA comparators need flash-linear-attention (the 'fla' extra)") from None
-    expand = config.n_head * config.head_size / config.n_embd
-    if kind == "fla_gla":
-        layer = GatedLinearAttention(
-            mode="chunk",
-            hidden_size=config.n_embd,
-            expand_k=expand,
-            expand_v=expand,
-            num_heads=config.n_head,
-            layer_idx=layer_idx,
-        )
-    elif kind == "fla_deltanet":
-        layer = DeltaNet(
-            mode="chunk",
-            hidden_size=config.n_embd,
-            expand_k=expand,
-            expand_v=expand,
-            num_heads=config.n_head,
-            layer_idx=layer_idx,
-        )
-    else:
-        raise LatticeError(f"unknown FLA mixer {kind!r}; choose one of {', '.join(FLA_MIXERS)}")
-    return FlaMixer(layer)
-
-
-def use_fla_mixers(model: nn.Module, kind: str) -> nn.Module:
-    """Replace every block's attention of a litgpt ``GPT`` by ``kind``; returns the model."""
-    for index, block in enumerate(model.transformer.h):
-        block.attn = fla_mixer(kind, model.config, index)
-    return model
+    def build_kv_cache(self, *args: Any, **kwargs: Any) -> nn.Module:
+        raise LatticeError(NO_CACHE)

@@ -11,9 +11,9 @@ from litgpt.model import CausalSelfAttention
 from conftest import run_lattice
 from eval_helpers import make_checkpoint, make_tokenizer
 from lattice_plugin.errors import LatticeError
+from lattice_plugin.fla_mixer import fla_missing_reason
 from lattice_plugin.model import LatticeMixer
 from lattice_plugin.recall import mqar as mqar_module
-from lattice_plugin.recall.fla_mixer import fla_missing_reason
 from lattice_plugin.recall.lm import LMSettings, run_lm
 from lattice_plugin.recall.mixers import BUILT_IN, MIXERS, ModelShape, build_model, parse_mixers
 from lattice_plugin.recall.mqar import MQARSettings, markdown, run_mqar, summarize

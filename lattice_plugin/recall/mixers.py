@@ -2,7 +2,7 @@
 
 Every model is a :class:`~lattice_plugin.model.LatticeGPT` (litgpt's GPT and Block): attention is litgpt's own, the
 Lattice variants are the plugin's mixer with different :class:`~lattice_plugin.config.LatticeConfig` fields, and the
-FLA peers replace the mixer of every block (:mod:`.fla_mixer`). Embeddings, norms, MLPs and head are the same.
+FLA peers replace the mixer of every block (:mod:`lattice_plugin.fla_mixer`). Embeddings, norms, MLPs and head are the same.
 """
 
 from dataclasses import dataclass
@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from lattice_plugin.config import LatticeConfig
 from lattice_plugin.errors import LatticeError
+from lattice_plugin.fla_mixer import FLA_LAYERS, FLAMixer, fla_missing_reason
 from lattice_plugin.model import LatticeGPT
-from lattice_plugin.recall.fla_mixer import FLA_LAYERS, FLAMixer, fla_missing_reason
 
 
 @dataclass(frozen=True)
