@@ -13,6 +13,28 @@ import torch
 
 from lattice_plugin.errors import LatticeError
 
+MODEL_134M = dict(
+    name="lattice-134m",
+    vocab_size=32000,
+    padded_vocab_size=32768,
+    n_layer=12,
+    n_embd=768,
+    n_head=12,
+    n_query_groups=12,
+    head_size=64,
+    rotary_percentage=1.0,
+    parallel_residual=False,
+    bias=False,
+    norm_class_name="RMSNorm",
+    norm_eps=1e-5,
+    mlp_class_name="LLaMAMLP",
+    intermediate_size=2048,
+    lattice_slots=64,
+    lattice_chunk_size=64,
+)
+"""The model both model-level benchmarks (``--train``, ``--model``) build: a 134M Llama shape, m = 64; only the
+token mixer changes between comparators."""
+
 
 def _do_bench(fn, *, rep_ms: int = 200) -> float:
     from triton.testing import do_bench

@@ -28,29 +28,13 @@ from typing import Any
 
 import torch
 
+from lattice_plugin.bench import MODEL_134M
 from lattice_plugin.cache import LatticeCache
 from lattice_plugin.config import LatticeConfig
 from lattice_plugin.errors import LatticeError, first_line
 from lattice_plugin.kernels.gates import normalize_slots
 
-BUILTIN_134M = dict(
-    name="lattice-134m",
-    block_size=132096,  # 128k prompts and the decoded tokens after them (attention's limit)
-    vocab_size=32000,
-    padded_vocab_size=32768,
-    n_layer=12,
-    n_embd=768,
-    n_head=12,
-    n_query_groups=12,
-    head_size=64,
-    rotary_percentage=1.0,
-    parallel_residual=False,
-    bias=False,
-    norm_class_name="RMSNorm",
-    mlp_class_name="LLaMAMLP",
-    intermediate_size=2048,
-    lattice_slots=64,
-)
+BUILTIN_134M = {**MODEL_134M, "block_size": 132096}  # 128k prompts and the tokens decoded after them
 KINDS = {"lattice": "all", "attention": None, "hybrid": "attention_every:4"}
 PREFILL_TOKENS = 131072
 ATTENTION_PREFILL_CONTEXT = 32768  # longer attention prefills (quadratic, explicit mask) do not fit the run

@@ -18,29 +18,10 @@ from pathlib import Path
 
 import torch
 
+from lattice_plugin.bench import MODEL_134M
 from lattice_plugin.errors import LatticeError
 
 MIXERS = ("attention", "lattice_exact", "lattice_chunk", "hybrid", "fla_gla", "fla_deltanet")
-MODEL_134M = dict(
-    name="lattice-134m",
-    vocab_size=32000,
-    padding_multiple=64,
-    n_layer=12,
-    n_head=12,
-    n_query_groups=12,
-    n_embd=768,
-    rotary_percentage=1.0,
-    parallel_residual=False,
-    bias=False,
-    norm_class_name="RMSNorm",
-    norm_eps=1e-5,
-    mlp_class_name="LLaMAMLP",
-    intermediate_size=2048,
-    lattice_slots=64,
-    lattice_chunk_size=64,
-    lattice_feature_map="softmax",
-    lattice_output_gate=True,
-)
 FLA_AUTOTUNE_CONFIGS = 4  # configs each FLA autotuner keeps (its full sweeps did not finish within a device call)
 
 
