@@ -2,7 +2,11 @@
 shape"): a stand-in driver reports an sm_90 target, and Triton's jit cache hook compiles each launch's kernel with
 ``triton.compile`` and times it instead of launching. ``MLIR_ENABLE_TIMING=1`` adds Triton's per-pass times.
 
-    SHAPE=B,T,H,m,d DT=bfloat16 GATES=exact ONLY=bwd_scan python bench/compile_offline.py
+    SHAPE=B,T,H,m,d DT=bfloat16 GATES=exact [ORTHOGONAL=0] [NORMALIZE=0] ONLY=bwd_scan python bench/compile_offline.py
+
+With ``TRITON_CACHE_DIR`` set, the builds land there (else in an empty temporary cache), keyed as a GPU run keys them,
+so a copy of that folder can be handed to an H100 run as its cache; ``SM_COUNT`` (default 132, an H100 SXM) picks
+the same blocking the kernels choose there.
 """
 
 import os
@@ -41,7 +45,7 @@ def build_times(only: str | None = None) -> list:
     """Install the stand-in driver and a hook that builds and times each launched kernel (names containing one of
     the comma-separated ``only``, or all); returns the list the hook appends ``(kernel, seconds)`` to."""
     driver.set_active(OfflineDriver())
-    knobs.cache.dir = tempfile.mkdtemp(prefix="triton-offline-")  # an empty cache: every build is timed
+    knobs.cache.dir = os.environ.get("TRITON_CACHE_DIR") or tempfile.mkdtemp(prefix="triton-offline-")
     times = []
 
     def hook(*, fn, compile, **_):
@@ -64,14 +68,20 @@ def build_times(only: str | None = None) -> list:
 
 if __name__ == "__main__":
     times = build_times(os.environ.get("ONLY"))
+    from lattice_plugin.kernels import triton_chunk
     from lattice_plugin.kernels.triton_chunk import chunk_lattice_triton
+
+    triton_chunk._sm_count = lambda device: int(os.environ.get("SM_COUNT", 132))
 
     B, T, H, m, d = (int(x) for x in os.environ.get("SHAPE", "8,2048,12,64,64").split(","))
     dtype = getattr(torch, os.environ.get("DT", "bfloat16"))
     q, k = (torch.rand(B, T, H, m, dtype=dtype, requires_grad=True) for _ in range(2))
     v = torch.rand(B, T, H, d, dtype=dtype, requires_grad=True)
     beta = torch.rand(B, T, H, dtype=dtype, requires_grad=True)
-    state = torch.rand(B, H, d, m, requires_grad=True)
-    o, final = chunk_lattice_triton(q, k, v, beta, state, gates=os.environ.get("GATES", "exact"))
+    state = torch.rand(H, d, m, requires_grad=True).unsqueeze(0).expand(B, -1, -1, -1)  # as ops.lattice_attention
+    gates = os.environ.get("GATES", "exact")
+    solver = dict(gate_solver="fixed_point", fixed_point_iters=4) if gates == "chunk" else {}  # ops' "auto"
+    flags = {f: os.environ.get(f.upper(), "1") == "1" for f in ("orthogonal", "normalize")}  # the ablations: 0
+    o, final = chunk_lattice_triton(q, k, v, beta, state, gates=gates, **solver, **flags)
     (o.float().sum() + final.sum()).backward()
     print("total", round(sum(t for _, t in times), 1), "s:", times)
