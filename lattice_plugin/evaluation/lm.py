@@ -364,15 +364,15 @@ class LatticeLM(TemplateLM):
         generated: list[list[int]] = [[] for _ in range(batch)]
         if max_new <= 0:
             return generated
-        if self.use_cache:
+        decoder = None
+        if self.use_cache:  # the path `lattice generate` takes: static step, CUDA graph on a GPU
+            from lattice_plugin.generation import Decoder
+
             self.model.set_kv_cache(batch_size=batch, max_seq_length=length + max_new, device=self._device)
+            decoder = Decoder(self.model, batch)
         try:
-            if self.use_cache:
-                positions = torch.arange(length, device=self._device)
-                logits = self.model(prompts, input_pos=positions, input_pos_maxp1=length)[:, -1]
-            else:
-                sequence = prompts
-                logits = self.model(sequence)[:, -1]
+            sequence = prompts
+            logits = decoder.prefill(prompts) if decoder is not None else self.model(sequence)[:, -1]
             for step in range(max_new):
                 token = self._pick(logits, settings)
                 for row, value in enumerate(token.tolist()):
@@ -386,13 +386,8 @@ class LatticeLM(TemplateLM):
                         finished[row] = True
                 if all(finished) or step == max_new - 1:
                     break
-                position = length + step
-                if self.use_cache:
-                    logits = self.model(
-                        token[:, None],
-                        input_pos=torch.tensor([position], device=self._device),
-                        input_pos_maxp1=position + 1,
-                    )[:, -1]
+                if decoder is not None:
+                    logits = decoder.step(token)
                 else:
                     sequence = torch.cat((sequence, token[:, None]), dim=1)
                     logits = self.model(sequence)[:, -1]
