@@ -4,9 +4,9 @@ shape"): a stand-in driver reports an sm_90 target, and Triton's jit cache hook 
 
     SHAPE=B,T,H,m,d DT=bfloat16 GATES=exact [ORTHOGONAL=0] [NORMALIZE=0] ONLY=bwd_scan python bench/compile_offline.py
 
-With ``TRITON_CACHE_DIR`` set, the builds land there (else in an empty temporary cache), keyed as a GPU run keys them,
-so a copy of that folder can be handed to an H100 run as its cache; ``SM_COUNT`` (default 132, an H100 SXM) picks
-the same blocking the kernels choose there.
+``SM_COUNT`` (default 132, an H100 SXM) picks the blocking the kernels choose there; with ``TRITON_CACHE_DIR`` set
+the builds land there (else in an empty temporary cache). Such a folder carried to an H100 was not used there: every
+build missed it (bench/results/train_h100.json, "compile"), so it is no ahead-of-time cache.
 """
 
 import os

@@ -11,7 +11,9 @@ Comparators (greedy, one host read of the new tokens per step, as every generate
 - ``lattice_graph``: the all-Lattice model through the path ``lattice generate`` takes (Decoder, CUDA graph, fused
   decode-layer kernel). ``hybrid_graph``: the hybrid through the same path.
 - Diagnostics at the first context: ``lattice_eager`` (Decoder without a graph), ``lattice_graph_unfused`` (graph,
-  layer work in separate kernels), ``lattice_litgpt_loop`` (litgpt's decode forward on the Lattice model).
+  layer work in separate kernels), ``lattice_litgpt_loop`` (litgpt's decode forward on the Lattice model), and
+  ``attention_litgpt_no_cudnn`` (``attention_litgpt`` with PyTorch's cuDNN attention backend excluded: litgpt's
+  loop hands SDPA a key length that grows every step, and cuDNN plans each new shape anew).
 
 Decode is timed at a context length by filling the caches directly (attention: random keys and values; Lattice:
 random unit slots) and decoding from that position: a step costs the same whatever the cache holds, and the
@@ -19,6 +21,7 @@ quadratic prefills that would fill them do not fit one short run. Prefill is tim
 logits of every position included) where ``batch * context <= PREFILL_TOKENS``. Weights are random (timing only).
 """
 
+import contextlib
 import json
 import platform
 import time
@@ -38,7 +41,12 @@ BUILTIN_134M = {**MODEL_134M, "block_size": 132096}  # 128k prompts and the toke
 KINDS = {"lattice": "all", "attention": None, "hybrid": "attention_every:4"}
 PREFILL_TOKENS = 131072
 ATTENTION_PREFILL_CONTEXT = 32768  # longer attention prefills (quadratic, explicit mask) do not fit the run
-DIAGNOSTICS = ("lattice_eager", "lattice_graph_unfused", "lattice_litgpt_loop")
+DIAGNOSTICS = (
+    ("lattice_eager", "lattice"),
+    ("lattice_graph_unfused", "lattice"),
+    ("lattice_litgpt_loop", "lattice"),
+    ("attention_litgpt_no_cudnn", "attention"),
+)
 
 
 def build(fields: dict[str, Any], kind: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -219,7 +227,7 @@ def run_generation_bench(
         ("hybrid_graph", "hybrid"),
     ]
     for batch, context in shapes:
-        extra = [(name, "lattice") for name in DIAGNOSTICS] if context == contexts[0] and batch in (1, 64) else []
+        extra = list(DIAGNOSTICS) if context == contexts[0] and batch in (1, 64) else []
         for method, kind in comparators + extra:
             what = dict(method=method, batch=batch, context=context)
             if run.over_time():
@@ -306,7 +314,7 @@ def _prepare(
     model.max_seq_length = length
     model.set_kv_cache(batch_size=batch, max_seq_length=length, device=device, dtype=model.lm_head.weight.dtype)
     fill_caches(model)
-    if method.endswith(("litgpt", "litgpt_loop")):
+    if "litgpt" in method:
         if hasattr(model, "begin_positions"):
             for block in model.transformer.h:
                 block.attn.kv_cache.seek(context)
@@ -318,11 +326,15 @@ def _prepare(
 
 @torch.inference_mode()
 def _time_decode(model, method, batch, length, context, steps, warmup, device, decoder_class, mixer_class) -> float:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     mixer_class.fused_decode = not method.endswith("unfused")
+    no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     try:
-        step = _prepare(model, method, batch, length, context, device, decoder_class)
-        token = torch.zeros(batch, dtype=torch.int64, device=device)
-        return time_steps(step, token, steps, warmup, device)
+        with sdpa_kernel(no_cudnn) if method.endswith("no_cudnn") else contextlib.nullcontext():
+            step = _prepare(model, method, batch, length, context, device, decoder_class)
+            token = torch.zeros(batch, dtype=torch.int64, device=device)
+            return time_steps(step, token, steps, warmup, device)
     finally:
         mixer_class.fused_decode = True
 

@@ -35,7 +35,8 @@ def thin_configs(configs: list, max_configs: int) -> list:
 
 def limit_fla_autotune(max_configs: int = FLA_AUTOTUNE_CONFIGS) -> None:
     """Thin every Triton autotuner created from now on to :func:`thin_configs` (call before importing ``fla``,
-    whose autotuners are built at import)."""
+    whose autotuners are built at import). Autotuners that prune their own configs (``prune_configs_by``, e.g.
+    GLA's backward by shared memory) keep them all: a thinned list can leave their pruning nothing."""
     from triton.runtime.autotuner import Autotuner
 
     if getattr(Autotuner.__init__, "thinned", False):
@@ -43,7 +44,9 @@ def limit_fla_autotune(max_configs: int = FLA_AUTOTUNE_CONFIGS) -> None:
     original = Autotuner.__init__
 
     def init(self, fn, arg_names, configs, *args, **kwargs):
-        original(self, fn, arg_names, thin_configs(configs, max_configs) if configs else configs, *args, **kwargs)
+        if configs and not kwargs.get("prune_configs_by"):
+            configs = thin_configs(configs, max_configs)
+        original(self, fn, arg_names, configs, *args, **kwargs)
 
     init.thinned = True
     Autotuner.__init__ = init
@@ -272,7 +275,9 @@ def run_train_bench(
     for T in seq_lens:
         for mixer in mixers:
             try:
-                row = measure_training(mixer, T, tokens, warmup=warmup, steps=steps, profile=mixer == "lattice_exact")
+                row = measure_training(
+                    mixer, T, tokens, warmup=warmup, steps=steps, profile=mixer in ("attention", "lattice_exact")
+                )
             except Exception as error:  # an OOM or a peer's failure is a result to report, not a reason to stop
                 row = dict(method=mixer, T=T, error=f"{type(error).__name__}: {str(error).strip()[:300]}")
             torch.cuda.empty_cache()

@@ -17,10 +17,6 @@ if [ -d .whl ] && [ "${INSTALL:-1}" = 1 ]; then  # the GPU image lacks litgpt, j
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$SITE" . || exit 1
   export PYTHONPATH="$SITE" PYTHONSAFEPATH=1  # the installed plugin, not the source folder in the working dir
 fi
-if [ -d .tcache ]; then  # a Triton cache built offline for the H100 (bench/compile_offline.py), carried as .tcache
-  export TRITON_CACHE_DIR=/tmp/triton-cache
-  mkdir -p "$TRITON_CACHE_DIR" && cp -r .tcache/. "$TRITON_CACHE_DIR/"
-fi
 OUT=${OUT:-out/gpu-report}
 W=${WORK:-/tmp/lattice-gpu-work}
 DRY=${DRY:-0}

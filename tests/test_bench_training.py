@@ -4,6 +4,7 @@ layout, the FLA comparators fail cleanly without the package, and the autotune t
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from lattice_plugin.bench_training import MIXERS, build_model, thin_configs, training_step
 from lattice_plugin.errors import LatticeError
@@ -53,6 +54,26 @@ def test_thin_configs():
     assert all(c.num_warps in (4, 8) and c.num_stages in (2, 3) for c in kept)
     assert {c.kwargs["BK"] for c in kept} == {32, 64}
     assert thin_configs(configs[:2], 6) == configs[:2]  # none preferred: all kept
+
+
+def test_limit_fla_autotune_spares_self_pruning_autotuners(monkeypatch):
+    """Thinned autotuners keep 4 configs; one with its own pruning (FLA's GLA backward) keeps all of them, since a
+    thinned list can leave its pruning nothing (an AutotunerError on the GPU)."""
+    from triton.runtime.autotuner import Autotuner
+
+    from lattice_plugin.bench_training import limit_fla_autotune
+
+    monkeypatch.setattr(Autotuner, "__init__", Autotuner.__init__)  # the patch is undone after the test
+    limit_fla_autotune()
+
+    @triton.jit
+    def kernel(x, BK: tl.constexpr):
+        pass
+
+    configs = [triton.Config({"BK": bk}, num_warps=w, num_stages=s) for bk in (32, 64) for w in (4, 8) for s in (2, 3)]
+    thinned = triton.autotune(configs, key=[])(kernel)
+    pruned = triton.autotune(configs, key=[], prune_configs_by={"early_config_prune": lambda c, a, **k: c})(kernel)
+    assert len(thinned.configs) == 4 and len(pruned.configs) == len(configs) == 8
 
 
 def test_measure_and_plot(tmp_path):

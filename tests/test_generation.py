@@ -228,6 +228,7 @@ def test_generation_benchmark_runs_every_comparator_and_reports_skips(tmp_path):
         ("hybrid_graph", 2, 20),
         ("lattice_graph_unfused", 1, 20),
         ("lattice_litgpt_loop", 1, 20),
+        ("attention_litgpt_no_cudnn", 1, 20),
     } <= measured
     assert {(s["method"], s["batch"], s["context"]) for s in results["skipped"] if "method" in s} == {
         (m, b, 120) for m in ("attention_litgpt", "attention_graph", "hybrid_graph") for b in (1, 2)

@@ -307,3 +307,11 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
     factors = [schedule.factor(step) for step in range(101)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0) and factors[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and factors[100] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_curriculum_cycles_easier_pair_counts_up_to_k():
+    from lattice_plugin.recall.mqar import curriculum_pairs
+
+    assert curriculum_pairs(64) == [4, 8, 16, 32, 64]
+    assert curriculum_pairs(48) == [4, 8, 16, 32, 48]
+    assert curriculum_pairs(4) == [4] and curriculum_pairs(2) == [2]

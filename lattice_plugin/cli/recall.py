@@ -77,6 +77,9 @@ def mqar(
     eval_examples: int = typer.Option(1024, help="Held-out sequences scored per row."),
     eval_every: int = typer.Option(1000, help="Score the held-out sequences every this many steps (the curve)."),
     stop_at: float | None = typer.Option(None, help="End a row early once its accuracy reaches this."),
+    curriculum: bool = typer.Option(
+        False, help="Train on pair counts cycling 4, 8, ... up to K (same length; scored at K), as Zoology mixes."
+    ),
     results: Path = typer.Option(Path("reports/recall/mqar.json"), help="Rows (resumable); summary, .md, .png beside."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
     budget_s: float | None = typer.Option(None, help=BUDGET_HELP),
@@ -109,6 +112,7 @@ def mqar(
         eval_examples=eval_examples,
         eval_every=eval_every,
         stop_at=stop_at,
+        curriculum=curriculum,
     )
     run_mqar(
         parse_mixers(mixers),

@@ -62,6 +62,9 @@ class MQARSettings:
     eval_every: int = 1000
     stop_at: float | None = None
     """End a run early once its accuracy on the held-out sequences reaches this (None: always train every step)."""
+    curriculum: bool = False
+    """Train on sequences whose pair counts cycle through :func:`curriculum_pairs` (same length; scored at K), as
+    Zoology trains on a mixture of easier settings."""
 
     def length(self, pairs: int) -> int:
         return self.seq_len if self.seq_len is not None else max(256, 4 * pairs)
@@ -106,7 +109,13 @@ def row_key(mixer: Mixer, pairs: int, slots: int | None, lr: float, seed: int, s
         eval_examples=s.eval_examples,
         eval_every=s.eval_every,
         stop_at=s.stop_at,
+        curriculum=s.curriculum,
     )
+
+
+def curriculum_pairs(pairs: int) -> list[int]:
+    """The training pair counts of a curriculum row scored at ``pairs``: 4, 8, 16, ... below it, then ``pairs``."""
+    return [k for k in (4 << i for i in range(pairs.bit_length())) if k < pairs] + [pairs]
 
 
 def planned_rows(mixers: list[Mixer], s: MQARSettings) -> list[tuple[Mixer, int, int | None, float, int]]:
@@ -193,8 +202,10 @@ def run_row(
     test = held_out(s, pairs, seed, device)
     schedule = Schedule(lr=lr, steps=s.steps, warmup_fraction=s.warmup_fraction, weight_decay=s.weight_decay)
 
+    train_pairs = curriculum_pairs(pairs) if s.curriculum else [pairs]
+
     def next_batch(step: int):
-        batch = mqar_batch(s.batch_size, pairs, T, s.vocab_size, generator, device)
+        batch = mqar_batch(s.batch_size, train_pairs[step % len(train_pairs)], T, s.vocab_size, generator, device)
         return batch.inputs, batch.targets
 
     label = f"{mixer.name} K={pairs} T={T} m={slots} lr={lr:g} seed={seed}"
