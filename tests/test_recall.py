@@ -309,9 +309,9 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
     assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and factors[100] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_curriculum_cycles_easier_pair_counts_up_to_k():
-    from lattice_plugin.recall.mqar import curriculum_pairs
+def test_curriculum_cycles_easier_settings_up_to_the_scored_one():
+    from lattice_plugin.recall.mqar import curriculum
 
-    assert curriculum_pairs(64) == [4, 8, 16, 32, 64]
-    assert curriculum_pairs(48) == [4, 8, 16, 32, 48]
-    assert curriculum_pairs(4) == [4] and curriculum_pairs(2) == [2]
+    assert curriculum(64, 256) == [(4, 64), (8, 128), (16, 256), (32, 256), (64, 256)]  # Zoology's mixture
+    assert curriculum(48, 512) == [(4, 64), (8, 128), (16, 256), (32, 512), (48, 512)]
+    assert curriculum(4, 40) == [(4, 40)] and curriculum(2, 16) == [(2, 16)]

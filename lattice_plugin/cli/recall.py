@@ -78,7 +78,9 @@ def mqar(
     eval_every: int = typer.Option(1000, help="Score the held-out sequences every this many steps (the curve)."),
     stop_at: float | None = typer.Option(None, help="End a row early once its accuracy reaches this."),
     curriculum: bool = typer.Option(
-        False, help="Train on pair counts cycling 4, 8, ... up to K (same length; scored at K), as Zoology mixes."
+        False,
+        help="Train on a cycle of easier settings: K' = 4, 8, ... below K in min(T, 16 K') tokens, then K "
+        "(Zoology's mixture); scored at K.",
     ),
     results: Path = typer.Option(Path("reports/recall/mqar.json"), help="Rows (resumable); summary, .md, .png beside."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),

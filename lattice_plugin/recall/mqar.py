@@ -63,8 +63,7 @@ class MQARSettings:
     stop_at: float | None = None
     """End a run early once its accuracy on the held-out sequences reaches this (None: always train every step)."""
     curriculum: bool = False
-    """Train on sequences whose pair counts cycle through :func:`curriculum_pairs` (same length; scored at K), as
-    Zoology trains on a mixture of easier settings."""
+    """Train on a cycle of easier settings up to the scored one (:func:`curriculum`), as Zoology trains on a mixture."""
 
     def length(self, pairs: int) -> int:
         return self.seq_len if self.seq_len is not None else max(256, 4 * pairs)
@@ -113,9 +112,12 @@ def row_key(mixer: Mixer, pairs: int, slots: int | None, lr: float, seed: int, s
     )
 
 
-def curriculum_pairs(pairs: int) -> list[int]:
-    """The training pair counts of a curriculum row scored at ``pairs``: 4, 8, 16, ... below it, then ``pairs``."""
-    return [k for k in (4 << i for i in range(pairs.bit_length())) if k < pairs] + [pairs]
+def curriculum(pairs: int, seq_len: int) -> list[tuple[int, int]]:
+    """The (K, T) training settings of a curriculum row scored at ``(pairs, seq_len)``: K = 4, 8, 16, ... below
+    ``pairs`` in sequences of ``min(seq_len, 16 K)`` tokens, then the scored setting. For K = 64, T = 256 this is
+    Zoology's training mixture: (4, 64), (8, 128), (16, 256), (32, 256), (64, 256)."""
+    easier = [k for k in (4 << i for i in range(pairs.bit_length())) if k < pairs]
+    return [(k, min(seq_len, 16 * k)) for k in easier] + [(pairs, seq_len)]
 
 
 def planned_rows(mixers: list[Mixer], s: MQARSettings) -> list[tuple[Mixer, int, int | None, float, int]]:
@@ -202,10 +204,11 @@ def run_row(
     test = held_out(s, pairs, seed, device)
     schedule = Schedule(lr=lr, steps=s.steps, warmup_fraction=s.warmup_fraction, weight_decay=s.weight_decay)
 
-    train_pairs = curriculum_pairs(pairs) if s.curriculum else [pairs]
+    settings = curriculum(pairs, T) if s.curriculum else [(pairs, T)]
 
     def next_batch(step: int):
-        batch = mqar_batch(s.batch_size, train_pairs[step % len(train_pairs)], T, s.vocab_size, generator, device)
+        K, length = settings[step % len(settings)]
+        batch = mqar_batch(s.batch_size, K, length, s.vocab_size, generator, device)
         return batch.inputs, batch.targets
 
     label = f"{mixer.name} K={pairs} T={T} m={slots} lr={lr:g} seed={seed}"
