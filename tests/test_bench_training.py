@@ -4,7 +4,6 @@ layout, the FLA comparators fail cleanly without the package, and the autotune t
 import pytest
 import torch
 import triton
-import triton.language as tl
 
 from lattice_plugin.bench_training import MIXERS, build_model, thin_configs, training_step
 from lattice_plugin.errors import LatticeError
@@ -59,6 +58,8 @@ def test_thin_configs():
 def test_limit_fla_autotune_spares_self_pruning_autotuners(monkeypatch):
     """Thinned autotuners keep 4 configs; one with its own pruning (FLA's GLA backward) keeps all of them, since a
     thinned list can leave its pruning nothing (an AutotunerError on the GPU)."""
+    import triton  # the current module: other test files re-import triton (interpreter mode) after this one's import
+    import triton.language as tl
     from triton.runtime.autotuner import Autotuner
 
     from lattice_plugin.bench_training import limit_fla_autotune
