@@ -6,7 +6,7 @@ shape"): a stand-in driver reports an sm_90 target, and Triton's jit cache hook 
 
 ``SM_COUNT`` (default 132, an H100 SXM) picks the blocking the kernels choose there; with ``TRITON_CACHE_DIR`` set
 the builds land there (else in an empty temporary cache). Such a folder carried to an H100 was not used there: every
-build missed it (bench/results/train_h100.json, "compile"), so it is no ahead-of-time cache.
+build missed it (bench/results/train_gpu_h100.json, "compile"), so it is no ahead-of-time cache.
 """
 
 import os

@@ -20,10 +20,10 @@ if [ "${GEN_S:-200}" -gt 0 ]; then
     python3 bench/gpu_generation.py
   pack_perf
 fi
-rm -f "$OUT/results.tar.gz"
 if [ "${MQAR_S:-0}" -gt 0 ]; then  # the recall part last: it shares the GPU between processes (no timings above)
   step mqar "$MQAR_S" env INSTALL=0 SITE="$SITE" BUDGET_S=$(( MQAR_S - 30 )) OUT="$W/perf" \
     MIXERS="${MQAR_MIXERS:-attention}" STEPS="${MQAR_STEPS:-6000}" bash reports/run_recall_gpu.sh
   pack_perf
 fi
+rm -f "$OUT/results.tar.gz"  # gpu_common's pack: its logs are in perf.tar.gz too
 log "done"

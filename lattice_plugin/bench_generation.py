@@ -13,7 +13,8 @@ Comparators (greedy, one host read of the new tokens per step, as every generate
 - Diagnostics at the first context: ``lattice_eager`` (Decoder without a graph), ``lattice_graph_unfused`` (graph,
   layer work in separate kernels), ``lattice_litgpt_loop`` (litgpt's decode forward on the Lattice model), and
   ``attention_litgpt_no_cudnn`` (``attention_litgpt`` with PyTorch's cuDNN attention backend excluded: litgpt's
-  loop hands SDPA a key length that grows every step, and cuDNN plans each new shape anew).
+  loop hands SDPA a key length that grows every step; this tells whether cuDNN's handling of new shapes is what
+  made that loop host-bound on an H100).
 
 Decode is timed at a context length by filling the caches directly (attention: random keys and values; Lattice:
 random unit slots) and decoding from that position: a step costs the same whatever the cache holds, and the
