@@ -36,21 +36,10 @@ def fla_missing_reason() -> str | None:
 
 def build_fla_layer(kind: str, hidden_size: int, n_head: int, head_size: int, slots: int, layer_idx: int) -> nn.Module:
     """FLA's ``kind`` layer with ``n_head`` heads of ``slots`` key by ``head_size`` value dimensions."""
-    if kind == "gla":
-        from fla.layers import GatedLinearAttention
+    if kind in ("gla", "deltanet"):
+        from fla.layers import DeltaNet, GatedLinearAttention
 
-        return GatedLinearAttention(
-            mode="chunk",
-            hidden_size=hidden_size,
-            expand_k=n_head * slots / hidden_size,
-            expand_v=n_head * head_size / hidden_size,
-            num_heads=n_head,
-            layer_idx=layer_idx,
-        )
-    if kind == "deltanet":
-        from fla.layers import DeltaNet
-
-        return DeltaNet(
+        return (GatedLinearAttention if kind == "gla" else DeltaNet)(
             mode="chunk",
             hidden_size=hidden_size,
             expand_k=n_head * slots / hidden_size,

@@ -25,10 +25,10 @@ from lattice_plugin.recall.mixers import (
     Mixer,
     ModelShape,
     build_model,
+    run_mixer_rows,
     state_numbers_per_head,
-    unavailable_reason,
 )
-from lattice_plugin.recall.results import ResultsFile, pyplot, run_pending, write_png
+from lattice_plugin.recall.results import ResultsFile, pyplot, write_png
 from lattice_plugin.recall.training import Schedule, autocast, train
 from lattice_plugin.vocab import BACKENDS
 
@@ -239,18 +239,15 @@ def run_lm(
         for lr in settings.lrs
         for seed in settings.seeds
     )
-    run_pending(
+    run_mixer_rows(
         results,
         jobs,
+        lambda: write_summary(results, results_path),
         device=device,
         budget_s=budget_s,
         retry_errors=retry_errors,
         echo=echo,
-        on_row=lambda: write_summary(results, results_path),
-        unavailable=lambda name: unavailable_reason(MIXERS[name]),
-        external=lambda name: MIXERS[name].fla is not None,
     )
-    write_summary(results, results_path)
     return results
 
 

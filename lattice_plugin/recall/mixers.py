@@ -5,6 +5,7 @@ Lattice variants are the plugin's mixer with different :class:`~lattice_plugin.c
 FLA peers replace the mixer of every block (:mod:`lattice_plugin.fla_mixer`). Embeddings, norms, MLPs and head are the same.
 """
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from lattice_plugin.config import LatticeConfig
 from lattice_plugin.errors import LatticeError
 from lattice_plugin.fla_mixer import FLA_LAYERS, FLAMixer, fla_missing_reason
 from lattice_plugin.model import LatticeGPT
+from lattice_plugin.recall.results import ResultsFile, run_pending
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,21 @@ def parse_mixers(text: str) -> list[Mixer]:
 def unavailable_reason(mixer: Mixer) -> str | None:
     """Why ``mixer`` cannot be trained on this machine (None: it can)."""
     return fla_missing_reason() if mixer.fla else None
+
+
+def run_mixer_rows(results: ResultsFile, jobs: Iterable, summarize: Callable[[], Any], **options: Any) -> None:
+    """:func:`~lattice_plugin.recall.results.run_pending` for jobs named by mixer: a mixer this machine cannot run is
+    skipped, a failure inside an FLA layer is recorded as not measured; ``summarize`` runs after every row and at the
+    end. ``options``: ``run_pending``'s device, budget_s, retry_errors, echo and shard."""
+    run_pending(
+        results,
+        jobs,
+        on_row=summarize,
+        unavailable=lambda name: unavailable_reason(MIXERS[name]),
+        external=lambda name: MIXERS[name].fla is not None,
+        **options,
+    )
+    summarize()
 
 
 @dataclass(frozen=True)
