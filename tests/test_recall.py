@@ -88,6 +88,7 @@ def test_one_training_step_of_each_built_in_mixer(name):
         assert isinstance(attn, LatticeMixer)
         assert all(getattr(model.config, field) == value for field, value in mixer.lattice.items())
         assert model.config.lattice_slots == TINY_SHAPE.slots
+    assert model.lm_head.weight is model.transformer.wte.weight, "the head is tied to the embedding (Zoology)"
     before = {key: value.clone() for key, value in model.state_dict().items()}
     generator = torch.Generator().manual_seed(0)
 

@@ -116,7 +116,9 @@ class ModelShape:
 
 
 def build_model(mixer: Mixer, shape: ModelShape) -> LatticeGPT:
-    """A freshly initialised model of ``shape`` with ``mixer`` in every block."""
+    """A freshly initialised model of ``shape`` with ``mixer`` in every block, its output head tied to the token
+    embedding as in Zoology's models: untied, the head must learn the embedding-to-logit map of each of the 4096
+    values on its own, and that, not recall, limits accuracy for thousands of steps."""
     if shape.n_embd % shape.n_head:
         raise LatticeError(f"the width {shape.n_embd} must be a multiple of the number of heads {shape.n_head}")
     if shape.slots < 1:
@@ -148,6 +150,7 @@ def build_model(mixer: Mixer, shape: ModelShape) -> LatticeGPT:
         for block_idx, block in enumerate(model.transformer.h):
             block.attn = FLAMixer(mixer.fla, shape.n_embd, shape.n_head, shape.head_size, shape.slots, block_idx)
     init_weights(model)
+    model.lm_head.weight = model.transformer.wte.weight
     return model
 
 
