@@ -1,6 +1,7 @@
 """``lattice recall``: the MQAR generator, one training step of every built-in mixer, resumable rows, the summary's
 validity rule, and tiny end-to-end runs of the three experiments (CPU)."""
 
+import dataclasses
 import json
 import math
 
@@ -316,3 +317,23 @@ def test_curriculum_cycles_easier_settings_up_to_the_scored_one():
     assert curriculum(64, 256) == [(4, 64), (8, 128), (16, 256), (32, 256), (64, 256)]  # Zoology's mixture
     assert curriculum(48, 512) == [(4, 64), (8, 128), (16, 256), (32, 512), (48, 512)]
     assert curriculum(4, 40) == [(4, 40)] and curriculum(2, 16) == [(2, 16)]
+
+
+@pytest.mark.parametrize("name", ["attention", "lattice_exact"])
+def test_short_conv_is_causal_and_wraps_every_mixer(name):
+    """Zoology's short convolution: the output at t must not see tokens after t, and every block gets one."""
+    from lattice_plugin.recall.mixers import ShortConv
+
+    shape = dataclasses.replace(TINY_SHAPE, short_conv=3)
+    torch.manual_seed(0)
+    model = build_model(MIXERS[name], shape)
+    assert all(isinstance(block.attn, ShortConv) for block in model.transformer.h)
+    assert all(block.attn.conv.kernel_size == (3,) for block in model.transformer.h)
+    inputs = mqar_batch(2, 3, shape.block_size, shape.vocab_size, torch.Generator().manual_seed(0)).inputs
+    changed = inputs.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1) % shape.vocab_size
+    with torch.no_grad():
+        before, after = model(inputs), model(changed)
+    assert torch.equal(before[:, :9], after[:, :9]) and not torch.allclose(before[:, 9:], after[:, 9:])
+    with pytest.raises(LatticeError, match="no generation cache"):
+        model.transformer.h[0].attn(torch.zeros(1, 1, shape.n_embd), None, None, input_pos=torch.tensor([0]))

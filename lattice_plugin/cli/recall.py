@@ -73,6 +73,9 @@ def mqar(
     n_head: int = typer.Option(2, help="Heads per block (head size = width / heads)."),
     intermediate_size: int = typer.Option(256, help="MLP hidden size (LLaMA MLP)."),
     chunk_size: int = typer.Option(64, help="Lattice chunk size."),
+    short_conv: int = typer.Option(
+        3, help="Kernel of the causal short convolution before every mixer, as in Zoology's models (0: none)."
+    ),
     lattice_backend: str = typer.Option("auto", help="Lattice kernels: auto (Triton on CUDA), torch, triton."),
     eval_examples: int = typer.Option(1024, help="Held-out sequences scored per row."),
     eval_every: int = typer.Option(1000, help="Score the held-out sequences every this many steps (the curve)."),
@@ -110,6 +113,7 @@ def mqar(
         n_head=n_head,
         intermediate_size=intermediate_size,
         chunk_size=chunk_size,
+        short_conv=short_conv,
         lattice_backend=lattice_backend,
         eval_examples=eval_examples,
         eval_every=eval_every,

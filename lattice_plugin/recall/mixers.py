@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from lattice_plugin.config import LatticeConfig
@@ -109,6 +110,8 @@ class ModelShape:
     slots: int
     chunk_size: int = 64
     lattice_backend: str = "auto"
+    short_conv: int = 0
+    """Kernel size of a depthwise causal convolution in front of every mixer (:class:`ShortConv`); 0: none."""
 
     @property
     def head_size(self) -> int:
@@ -149,9 +152,42 @@ def build_model(mixer: Mixer, shape: ModelShape) -> LatticeGPT:
     if mixer.fla:
         for block_idx, block in enumerate(model.transformer.h):
             block.attn = FLAMixer(mixer.fla, shape.n_embd, shape.n_head, shape.head_size, shape.slots, block_idx)
+    if shape.short_conv:
+        for block in model.transformer.h:
+            block.attn = ShortConv(block.attn, shape.n_embd, shape.short_conv)
     init_weights(model)
     model.lm_head.weight = model.transformer.wte.weight
     return model
+
+
+class ShortConv(nn.Module):
+    """A mixer that first adds to each token a depthwise causal convolution of the last ``kernel_size`` tokens.
+
+    Zoology's MQAR models put such a short convolution before every sequence mixer, attention included: it hands each
+    value the identity of the key before it, so recall no longer waits for a previous-token head to form. It is the
+    same for every mixer (FLA's DeltaNet layers have their own as well) and adds ``kernel_size x width`` numbers of
+    state. Training and scoring only: ``input_pos`` (cached decoding) is not supported.
+    """
+
+    def __init__(self, mixer: nn.Module, width: int, kernel_size: int) -> None:
+        super().__init__()
+        self.mixer = mixer
+        self.conv = nn.Conv1d(width, width, kernel_size, groups=width, padding=kernel_size - 1, bias=False)
+        self.kv_cache = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        input_pos_maxp1: int | None = None,
+    ) -> torch.Tensor:
+        if input_pos is not None:
+            raise LatticeError("the recall models' short convolution has no generation cache")
+        mixed = self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+        return self.mixer(x + mixed, cos, sin, mask)
 
 
 def init_weights(model: nn.Module, std: float = 0.02) -> None:

@@ -55,6 +55,8 @@ class MQARSettings:
     n_head: int = 2
     intermediate_size: int = 256
     chunk_size: int = 64
+    short_conv: int = 3
+    """Kernel of the causal short convolution in front of every mixer, as in Zoology's models (0: none)."""
     lattice_backend: str = "auto"
     warmup_fraction: float = 0.1
     weight_decay: float = 0.1
@@ -80,6 +82,7 @@ class MQARSettings:
             n_head=self.n_head,
         )
         bad = [name for name, value in positive.items() if value < 1]
+        bad += [f"short_conv={self.short_conv}"] if self.short_conv < 0 else []
         bad += [f"m={m}" for m in self.slots if m < 1] + [f"lr={lr}" for lr in self.lrs if not lr > 0]
         bad += [] if self.lattice_backend in BACKENDS else [f"lattice backend {self.lattice_backend!r}"]
         if bad or not (self.pairs and self.slots and self.lrs and self.seeds):
@@ -102,6 +105,7 @@ def row_key(mixer: Mixer, pairs: int, slots: int | None, lr: float, seed: int, s
         n_head=s.n_head,
         intermediate_size=s.intermediate_size,
         chunk_size=s.chunk_size,
+        short_conv=s.short_conv,
         lattice_backend=s.lattice_backend,
         warmup_fraction=s.warmup_fraction,
         weight_decay=s.weight_decay,
@@ -197,6 +201,7 @@ def run_row(
         slots if slots is not None else s.n_embd // s.n_head,
         s.chunk_size,
         s.lattice_backend,
+        s.short_conv,
     )
     torch.manual_seed(seed)
     model = score_queries_only(build_model(mixer, shape)).to(device)
