@@ -337,3 +337,23 @@ def test_short_conv_is_causal_and_wraps_every_mixer(name):
     assert torch.equal(before[:, :9], after[:, :9]) and not torch.allclose(before[:, 9:], after[:, 9:])
     with pytest.raises(LatticeError, match="no generation cache"):
         model.transformer.h[0].attn(torch.zeros(1, 1, shape.n_embd), None, None, input_pos=torch.tensor([0]))
+
+
+def test_summary_prefers_learning_rates_that_did_not_diverge_and_says_which_did():
+    def row(mixer, lr, accuracy, diverged=False):
+        key = dict(mixer=mixer, K=4, T=64, m=None if mixer == "attention" else 8, lr=lr, seed=0, steps=10)
+        return dict(key=key, accuracy=accuracy, diverged=diverged)
+
+    rows = [
+        row("attention", 1e-3, 0.995),
+        row("lattice_exact", 1e-3, 0.2),
+        row("lattice_exact", 1e-2, 0.3, diverged=True),  # scored before its loss turned non-finite: not the best
+        row("lattice_chunk", 1e-3, 0.0, diverged=True),
+        row("lattice_chunk", 1e-2, 0.0, diverged=True),
+    ]
+    summary = summarize(rows)
+    best = {b["mixer"]: b for b in summary["best"]}
+    assert best["lattice_exact"]["lr"] == 1e-3 and best["lattice_exact"]["diverged_lrs"] == [1e-2]
+    assert best["lattice_chunk"]["diverged_lrs"] == [1e-3, 1e-2]
+    text = markdown(summary, ["cpu"])
+    assert "0.200 @ lr 0.001, diverged at lr 0.01 |" in text and "diverged at every lr (0.001, 0.01) |" in text

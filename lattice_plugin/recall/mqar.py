@@ -291,9 +291,11 @@ def _line(entry: dict[str, Any]) -> tuple:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Best learning rate per mixer line and task setting (mean accuracy over seeds), and each setting's validity:
+    """Best learning rate per mixer line and task setting (mean accuracy over seeds; a learning rate at which a run
+    diverged is only chosen when every one did), the learning rates that diverged, and each setting's validity:
     whether attention reached ``VALID_ATTENTION`` there."""
     groups: dict[tuple, dict[float, list[float]]] = {}
+    diverged: dict[tuple, set[float]] = {}
     errors: dict[tuple, str] = {}
     for row in rows:
         setting = (_line(row["key"]), _task(row["key"]))
@@ -301,11 +303,14 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             errors[setting] = row.get("error", "not measured")
         else:
             groups.setdefault(setting, {}).setdefault(row["key"]["lr"], []).append(row["accuracy"])
+            if row.get("diverged"):
+                diverged.setdefault(setting, set()).add(row["key"]["lr"])
     attention: dict[tuple, float] = {}
     best = []
     for (line, task), by_lr in groups.items():
         means = {lr: sum(v) / len(v) for lr, v in by_lr.items()}
-        lr = max(means, key=means.get)
+        failed = diverged.get((line, task), set())
+        lr = max(means, key=lambda x: (x not in failed, means[x]))
         if line[0] == "attention":
             attention[task] = max(attention.get(task, 0.0), means[lr])
         best.append(
@@ -316,6 +321,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 accuracy=means[lr],
                 seeds=len(by_lr[lr]),
                 lrs_tried=sorted(means),
+                diverged_lrs=sorted(failed),
             )
         )
     for b in best:
@@ -372,7 +378,12 @@ def markdown(summary: dict[str, Any], devices: list[str]) -> str:
             if hit:
                 b = hit[0]
                 flag = "" if b["valid"] else (" (invalid)" if b["valid"] is False else " (no attention row)")
-                cells.append(f"{b['accuracy']:.3f} @ lr {b['lr']:g}{flag}")
+                failed = b.get("diverged_lrs", [])
+                if b["lr"] in failed:
+                    cells.append(f"diverged at every lr ({', '.join(f'{lr:g}' for lr in failed)}){flag}")
+                else:
+                    note = f", diverged at lr {', '.join(f'{lr:g}' for lr in failed)}" if failed else ""
+                    cells.append(f"{b['accuracy']:.3f} @ lr {b['lr']:g}{note}{flag}")
             else:
                 cells.append("not measured" if miss else "pending")
         label = line[0] + "".join(f", {f}={v}" for f, v in zip(MIXER_FIELDS[2:], line[2:]) if f in line_extra)
@@ -384,13 +395,14 @@ def markdown(summary: dict[str, Any], devices: list[str]) -> str:
 
 def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     """Accuracy vs K per mixer (at m = 64 where measured), and accuracy vs m per K for the Lattice variants, for the
-    settings most rows share (the markdown table shows every setting)."""
+    settings most rows share (the markdown table shows every setting, and the settings where every lr diverged)."""
     plt = pyplot()
     if plt is None or not summary["best"]:
         return
     families = [_task({k: v for k, v in b["setting"].items() if k not in ("K", "T")}) for b in summary["best"]]
     main = max(set(families), key=families.count)  # the settings most rows share (steps, batch, ...), K aside
-    best = [b for b, family in zip(summary["best"], families) if family == main]
+    converged = [b["lr"] not in b.get("diverged_lrs", []) for b in summary["best"]]  # every lr diverged: no point
+    best = [b for b, family, ok in zip(summary["best"], families, converged) if family == main and ok]
     ms = [b["m"] for b in best if b["m"] is not None]
     main_m = DEFAULT_SLOTS if DEFAULT_SLOTS in ms else (max(set(ms), key=ms.count) if ms else None)
     figure, (by_k, by_m) = plt.subplots(1, 2, figsize=(12, 4.5))
