@@ -120,8 +120,8 @@ class ModelShape:
 
 def build_model(mixer: Mixer, shape: ModelShape) -> LatticeGPT:
     """A freshly initialised model of ``shape`` with ``mixer`` in every block, its output head tied to the token
-    embedding as in Zoology's models: untied, the head must learn the embedding-to-logit map of each of the 4096
-    values on its own, and that, not recall, limits accuracy for thousands of steps."""
+    embedding as in Zoology's models: untied, the head must learn on its own which logit each value token's
+    embedding maps to, and in MQAR (4,096 values) that, not recall, held accuracy at 1/K for thousands of steps."""
     if shape.n_embd % shape.n_head:
         raise LatticeError(f"the width {shape.n_embd} must be a multiple of the number of heads {shape.n_head}")
     if shape.slots < 1:
