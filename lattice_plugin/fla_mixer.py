@@ -61,16 +61,15 @@ def build_fla_layer(kind: str, hidden_size: int, n_head: int, head_size: int, sl
     raise LatticeError(f"unknown FLA layer {kind!r}; choose one of {', '.join(FLA_LAYERS)}")
 
 
-class FLAMixer(nn.Module):
-    """litgpt's mixer contract around an FLA layer: ``forward(x, cos, sin, mask, input_pos, input_pos_maxp1)``.
+class TrainingOnlyMixer(nn.Module):
+    """litgpt's mixer contract, ``forward(x, cos, sin, mask, input_pos, input_pos_maxp1)``, for a mixer that trains
+    and scores whole sequences only: ``input_pos`` (cached decoding) and ``build_kv_cache`` are refused with
+    ``no_cache``, and subclasses implement :meth:`mix`."""
 
-    The layer mixes causally by itself and has no positional encoding of its own to receive (``cos``/``sin`` and the
-    mask are ignored). Generation is not offered: ``input_pos`` and ``build_kv_cache`` are refused.
-    """
+    no_cache = "this mixer has no generation cache"
 
-    def __init__(self, kind: str, hidden_size: int, n_head: int, head_size: int, slots: int, block_idx: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.layer = build_fla_layer(kind, hidden_size, n_head, head_size, slots, block_idx)
         self.kv_cache = None
 
     def forward(
@@ -83,8 +82,25 @@ class FLAMixer(nn.Module):
         input_pos_maxp1: int | None = None,
     ) -> torch.Tensor:
         if input_pos is not None:
-            raise LatticeError(NO_CACHE)
-        return self.layer(x)[0]
+            raise LatticeError(self.no_cache)
+        return self.mix(x, cos, sin, mask)
+
+    def mix(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
 
     def build_kv_cache(self, *args: Any, **kwargs: Any) -> nn.Module:
-        raise LatticeError(NO_CACHE)
+        raise LatticeError(self.no_cache)
+
+
+class FLAMixer(TrainingOnlyMixer):
+    """An FLA layer in litgpt's mixer slot. The layer mixes causally by itself and has no positional encoding of its
+    own to receive (``cos``/``sin`` and the mask are ignored). Generation is not offered."""
+
+    no_cache = NO_CACHE
+
+    def __init__(self, kind: str, hidden_size: int, n_head: int, head_size: int, slots: int, block_idx: int) -> None:
+        super().__init__()
+        self.layer = build_fla_layer(kind, hidden_size, n_head, head_size, slots, block_idx)
+
+    def mix(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.layer(x)[0]

@@ -337,6 +337,8 @@ def test_short_conv_is_causal_and_wraps_every_mixer(name):
     assert torch.equal(before[:, :9], after[:, :9]) and not torch.allclose(before[:, 9:], after[:, 9:])
     with pytest.raises(LatticeError, match="no generation cache"):
         model.transformer.h[0].attn(torch.zeros(1, 1, shape.n_embd), None, None, input_pos=torch.tensor([0]))
+    with pytest.raises(LatticeError, match="no generation cache"):
+        model.transformer.h[0].attn.build_kv_cache(1, shape.block_size)
 
 
 def test_summary_prefers_learning_rates_that_did_not_diverge_and_says_which_did():

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from lattice_plugin.config import LatticeConfig
 from lattice_plugin.errors import LatticeError
-from lattice_plugin.fla_mixer import FLA_LAYERS, FLAMixer, fla_missing_reason
+from lattice_plugin.fla_mixer import FLA_LAYERS, FLAMixer, TrainingOnlyMixer, fla_missing_reason
 from lattice_plugin.model import LatticeGPT
 from lattice_plugin.recall.results import ResultsFile, run_pending
 
@@ -160,32 +160,23 @@ def build_model(mixer: Mixer, shape: ModelShape) -> LatticeGPT:
     return model
 
 
-class ShortConv(nn.Module):
+class ShortConv(TrainingOnlyMixer):
     """A mixer that first adds to each token a depthwise causal convolution of the last ``kernel_size`` tokens.
 
     Zoology's MQAR models put such a short convolution before every sequence mixer, attention included: it hands each
     value the identity of the key before it, so recall no longer waits for a previous-token head to form. It is the
     same for every mixer (FLA's DeltaNet layers have their own as well) and adds ``kernel_size x width`` numbers of
-    state. Training and scoring only: ``input_pos`` (cached decoding) is not supported.
+    state. Training and scoring only (no generation cache).
     """
+
+    no_cache = "the recall models' short convolution has no generation cache"
 
     def __init__(self, mixer: nn.Module, width: int, kernel_size: int) -> None:
         super().__init__()
         self.mixer = mixer
         self.conv = nn.Conv1d(width, width, kernel_size, groups=width, padding=kernel_size - 1, bias=False)
-        self.kv_cache = None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        input_pos: torch.Tensor | None = None,
-        input_pos_maxp1: int | None = None,
-    ) -> torch.Tensor:
-        if input_pos is not None:
-            raise LatticeError("the recall models' short convolution has no generation cache")
+    def mix(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         mixed = self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
         return self.mixer(x + mixed, cos, sin, mask)
 
