@@ -12,11 +12,20 @@ from litgpt.model import CausalSelfAttention
 from conftest import run_lattice
 from eval_helpers import make_checkpoint, make_tokenizer
 from lattice_plugin.errors import LatticeError
-from lattice_plugin.fla_mixer import fla_missing_reason
+from lattice_plugin.fla_mixer import TrainingOnlyMixer, fla_missing_reason
 from lattice_plugin.model import LatticeMixer
 from lattice_plugin.recall import mqar as mqar_module
 from lattice_plugin.recall.lm import LMSettings, run_lm
-from lattice_plugin.recall.mixers import BUILT_IN, MIXERS, ModelShape, build_model, parse_mixers
+from lattice_plugin.recall.mixers import (
+    BUILT_IN,
+    MIXERS,
+    ModelShape,
+    NotCausalError,
+    build_model,
+    causality_leak,
+    check_causal,
+    parse_mixers,
+)
 from lattice_plugin.recall.mqar import MQARSettings, markdown, run_mqar, summarize
 from lattice_plugin.recall.task import FILLER, IGNORE, check_mqar, mqar_batch
 from lattice_plugin.recall.training import Schedule, train
@@ -359,3 +368,24 @@ def test_summary_prefers_learning_rates_that_did_not_diverge_and_says_which_did(
     assert best["lattice_chunk"]["diverged_lrs"] == [1e-3, 1e-2]
     text = markdown(summary, ["cpu"])
     assert "0.200 @ lr 0.001, diverged at lr 0.01 |" in text and "diverged at every lr (0.001, 0.01) |" in text
+
+
+class _PeekAhead(TrainingOnlyMixer):
+    """A leaking mixer: each token also sees the next one (what a non-causal kernel would do)."""
+
+    def mix(self, x, cos, sin, mask):
+        return x + torch.roll(x, shifts=-1, dims=1)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_built_in_mixer_passes_the_causality_check_and_a_leak_is_refused(name):
+    """Every row checks its fresh model first: outputs before a cut must not move when only later tokens do."""
+    torch.manual_seed(0)
+    shape = dataclasses.replace(TINY_SHAPE, short_conv=3)
+    model = build_model(MIXERS[name], shape)
+    assert causality_leak(model, shape.vocab_size, shape.block_size, CPU) == 0.0
+    assert model.training, "the check leaves the model in the mode it found it in"
+    model.transformer.h[1].attn = _PeekAhead()
+    assert causality_leak(model, shape.vocab_size, shape.block_size, CPU) > 0.01
+    with pytest.raises(NotCausalError, match=f"{name} is not causal here"):
+        check_causal(model, MIXERS[name], shape.vocab_size, shape.block_size, CPU)

@@ -25,6 +25,7 @@ from lattice_plugin.recall.mixers import (
     Mixer,
     ModelShape,
     build_model,
+    check_causal,
     run_mixer_rows,
     state_numbers_per_head,
 )
@@ -167,6 +168,7 @@ def run_row(
     )
     torch.manual_seed(seed)
     model = build_model(mixer, shape).to(device)
+    leak = check_causal(model, mixer, s.vocab_size, s.seq_len, device)
     generator = torch.Generator().manual_seed(seed)
     on_device = train_tokens.to(device)
     offsets = torch.arange(s.seq_len + 1, device=device)
@@ -203,6 +205,7 @@ def run_row(
         train_tokens=len(train_tokens),
         parameters=sum(p.numel() for p in model.parameters()),
         state_per_head=state_numbers_per_head(mixer, shape),
+        causal_leak=leak,
         **run,
     )
 

@@ -17,6 +17,7 @@ from lattice_plugin.errors import LatticeError
 from lattice_plugin.fla_mixer import FLA_LAYERS, FLAMixer, TrainingOnlyMixer, fla_missing_reason
 from lattice_plugin.model import LatticeGPT
 from lattice_plugin.recall.results import ResultsFile, run_pending
+from lattice_plugin.recall.training import autocast
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,58 @@ def build_model(mixer: Mixer, shape: ModelShape) -> LatticeGPT:
     init_weights(model)
     model.lm_head.weight = model.transformer.wte.weight
     return model
+
+
+class NotCausalError(RuntimeError):
+    """A mixer whose outputs at a position depend on later tokens: its rows would measure the leak, not the mixer.
+
+    Not a :class:`~lattice_plugin.errors.LatticeError`: for another library's layer it is recorded as not measured
+    (with the measured leak), for this project's mixers it stops the run (a bug)."""
+
+
+CAUSAL_TOLERANCE = 1e-2
+"""The largest change of the outputs before a cut, relative to the change after it, that still counts as causal
+(bf16 rounding can differ between two batches; a leak through a kernel is far larger)."""
+
+
+def causality_leak(model: nn.Module, vocab_size: int, seq_len: int, device: torch.device) -> float:
+    """How much ``model``'s outputs before the middle of a sequence move when only the tokens after it change,
+    relative to how much the outputs after it move: 0 for a causal model.
+
+    Two random sequences that share their first half, in the training forward (train mode, autograd on) and in the
+    scoring forward (eval mode, no autograd), both under the same autocast as training; the larger ratio is returned.
+    """
+    generator = torch.Generator().manual_seed(0)
+    cut = seq_len // 2
+    first = torch.randint(1, vocab_size, (2, seq_len), generator=generator)
+    second = first.clone()
+    second[:, cut:] = torch.randint(1, vocab_size, (2, seq_len - cut), generator=generator)
+    batch = torch.cat((first, second)).to(device)
+    training = model.training
+    ratios = []
+    try:
+        for mode, grad in ((True, True), (False, False)):
+            model.train(mode)
+            with torch.set_grad_enabled(grad), autocast(device):
+                out = model(batch).detach().float()
+            before = (out[:2, :cut] - out[2:, :cut]).abs().max().item()
+            after = (out[:2, cut:] - out[2:, cut:]).abs().max().item()
+            ratios.append(before / max(after, 1e-30))
+    finally:
+        model.train(training)
+    return max(ratios)
+
+
+def check_causal(model: nn.Module, mixer: Mixer, vocab_size: int, seq_len: int, device: torch.device) -> float:
+    """:func:`causality_leak` of a freshly built model, raising :class:`NotCausalError` above
+    :data:`CAUSAL_TOLERANCE`; returns the leak (each row records it)."""
+    leak = causality_leak(model, vocab_size, seq_len, device)
+    if not leak <= CAUSAL_TOLERANCE:
+        raise NotCausalError(
+            f"{mixer.name} is not causal here: its outputs before token {seq_len // 2} move by {leak:.3g} of what "
+            "the later ones move when only the later tokens change"
+        )
+    return leak
 
 
 class ShortConv(TrainingOnlyMixer):

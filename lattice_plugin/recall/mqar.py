@@ -23,6 +23,7 @@ from lattice_plugin.recall.mixers import (
     Mixer,
     ModelShape,
     build_model,
+    check_causal,
     run_mixer_rows,
     state_numbers_per_head,
 )
@@ -205,6 +206,7 @@ def run_row(
     )
     torch.manual_seed(seed)
     model = score_queries_only(build_model(mixer, shape)).to(device)
+    leak = check_causal(model, mixer, s.vocab_size, T, device)
     generator = torch.Generator(device).manual_seed(seed)
     test = held_out(s, pairs, seed, device)
     schedule = Schedule(lr=lr, steps=s.steps, warmup_fraction=s.warmup_fraction, weight_decay=s.weight_decay)
@@ -233,6 +235,7 @@ def run_row(
         accuracy=accuracy(model, test, device),
         parameters=sum(p.numel() for p in model.parameters()),
         state_per_head=state_numbers_per_head(mixer, shape),
+        causal_leak=leak,
         **run,
     )
 
