@@ -23,6 +23,7 @@ from lattice_plugin.recall.mixers import (
     NotCausalError,
     build_model,
     causality_leak,
+    causality_table,
     check_causal,
     parse_mixers,
 )
@@ -389,3 +390,14 @@ def test_every_built_in_mixer_passes_the_causality_check_and_a_leak_is_refused(n
     assert causality_leak(model, shape.vocab_size, shape.block_size, CPU) > 0.01
     with pytest.raises(NotCausalError, match=f"{name} is not causal here"):
         check_causal(model, MIXERS[name], shape.vocab_size, shape.block_size, CPU)
+
+
+def test_causality_table_covers_every_mixer_and_shape():
+    shapes = {"a": TINY_SHAPE, "b": dataclasses.replace(TINY_SHAPE, short_conv=3)}
+    table = causality_table(parse_mixers("all"), shapes, CPU)
+    assert [(e["mixer"], e["shape"]) for e in table] == [(name, s) for name in MIXERS for s in shapes]
+    for entry in table:
+        if MIXERS[entry["mixer"]].fla and fla_missing_reason():
+            assert entry["not_measured"] == fla_missing_reason()
+        else:
+            assert entry["causal_leak"] == 0.0

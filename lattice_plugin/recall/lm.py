@@ -65,6 +65,20 @@ class LMSettings:
     def steps(self) -> int:
         return max(1, self.tokens // (self.batch_size * self.seq_len))
 
+    def shape(self) -> ModelShape:
+        """The model every row trains."""
+        return ModelShape(
+            self.vocab_size,
+            self.seq_len,
+            self.n_layer,
+            self.n_embd,
+            self.n_head,
+            self.intermediate_size,
+            self.slots,
+            self.chunk_size,
+            self.lattice_backend,
+        )
+
     def check(self) -> None:
         positive = dict(
             tokens=self.tokens,
@@ -155,17 +169,7 @@ def run_row(
     device: torch.device,
     echo: Callable[[str], None],
 ) -> dict[str, Any]:
-    shape = ModelShape(
-        s.vocab_size,
-        s.seq_len,
-        s.n_layer,
-        s.n_embd,
-        s.n_head,
-        s.intermediate_size,
-        s.slots,
-        s.chunk_size,
-        s.lattice_backend,
-    )
+    shape = s.shape()
     torch.manual_seed(seed)
     model = build_model(mixer, shape).to(device)
     leak = check_causal(model, mixer, s.vocab_size, s.seq_len, device)

@@ -213,6 +213,27 @@ def check_causal(model: nn.Module, mixer: Mixer, vocab_size: int, seq_len: int, 
     return leak
 
 
+def causality_table(mixers: Iterable[Mixer], shapes: dict[str, ModelShape], device: torch.device) -> list[dict]:
+    """:func:`causality_leak` of a fresh model of every mixer at every named shape (seed 0): the check the rows run,
+    on its own, for mixers whose rows predate it. A mixer that cannot run here, or fails, says why."""
+    table = []
+    for mixer in mixers:
+        for name, shape in shapes.items():
+            entry: dict[str, Any] = dict(mixer=mixer.name, shape=name)
+            reason = unavailable_reason(mixer)
+            if reason:
+                entry["not_measured"] = reason
+            else:
+                torch.manual_seed(0)
+                try:
+                    model = build_model(mixer, shape).to(device)
+                    entry["causal_leak"] = causality_leak(model, shape.vocab_size, shape.block_size, device)
+                except (RuntimeError, NotImplementedError, AssertionError, ValueError) as error:
+                    entry["not_measured"] = f"{type(error).__name__}: {str(error).strip()[:300]}"
+            table.append(entry)
+    return table
+
+
 class ShortConv(TrainingOnlyMixer):
     """A mixer that first adds to each token a depthwise causal convolution of the last ``kernel_size`` tokens.
 

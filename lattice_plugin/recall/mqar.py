@@ -71,6 +71,21 @@ class MQARSettings:
     def length(self, pairs: int) -> int:
         return self.seq_len if self.seq_len is not None else max(256, 4 * pairs)
 
+    def shape(self, pairs: int, slots: int | None) -> ModelShape:
+        """The model of a row at ``pairs`` (its sequence length) and ``slots`` (None: the head size)."""
+        return ModelShape(
+            self.vocab_size,
+            self.length(pairs),
+            self.n_layer,
+            self.n_embd,
+            self.n_head,
+            self.intermediate_size,
+            slots if slots is not None else self.n_embd // self.n_head,
+            self.chunk_size,
+            self.lattice_backend,
+            self.short_conv,
+        )
+
     def check(self) -> None:
         for pairs in self.pairs:
             check_mqar(self.vocab_size, pairs, self.length(pairs))
@@ -192,18 +207,7 @@ def run_row(
 ) -> dict[str, Any]:
     """Train one model from scratch and score it on the held-out sequences."""
     T = s.length(pairs)
-    shape = ModelShape(
-        s.vocab_size,
-        T,
-        s.n_layer,
-        s.n_embd,
-        s.n_head,
-        s.intermediate_size,
-        slots if slots is not None else s.n_embd // s.n_head,
-        s.chunk_size,
-        s.lattice_backend,
-        s.short_conv,
-    )
+    shape = s.shape(pairs, slots)
     torch.manual_seed(seed)
     model = score_queries_only(build_model(mixer, shape)).to(device)
     leak = check_causal(model, mixer, s.vocab_size, T, device)
