@@ -8,7 +8,8 @@
 #   PART=slots   same rows file, default MIXERS=lattice_exact SLOTS=16,32,64,128 (m = 64 rows are reused) (vs m)
 #   PART=lm      MIXERS=... TOKENS=3276800                                     (perplexity and tokens/s per mixer)
 #   PART=passkey  teacher-small (pretrain) -> convert -> distill small -> lattice_passkey at and beyond 256 tokens
-#   PART=causal  MIXERS=...  the causality check of every mixer at the LM and MQAR shapes (seconds) -> causal.json
+#   PART=checks  bench/fla_peer_check.py: every mixer's causality at the LM and MQAR shapes, FLA's GLA and DeltaNet
+#                kernels against FLA's own recurrences (seconds) -> fla_peer_check.json
 # Run it with the device tool from the repository root (carry .whl):  OUT=$OUT PART=mqar bash reports/run_recall_gpu.sh
 # EXTRA="..." adds flags to the recall command (e.g. a CPU rehearsal: EXTRA="--device cpu --vocab-size 64 ...").
 # MQAR runs PARALLEL=4 processes on the one GPU (disjoint rows, one results file); their accuracy is unaffected, their
@@ -79,17 +80,9 @@ case "$PART" in
       --items "${ITEMS:-20}" --out "$W/passkey/passkey.json"
     cp "$W"/passkey/passkey.{json,md,png} "$OUT/" 2>/dev/null
     cat "$OUT/passkey.md" ;;
-  causal)
-    step causal 300 env OUT="$OUT" python3 -c "
-import json, os, torch
-from lattice_plugin.recall.lm import LMSettings
-from lattice_plugin.recall.mixers import causality_table, parse_mixers
-from lattice_plugin.recall.mqar import MQARSettings
-shapes = {'lm': LMSettings().shape(), 'mqar K=64 m=64': MQARSettings().shape(64, 64)}
-table = causality_table(parse_mixers(os.environ.get('MIXERS', 'all')), shapes, torch.device('cuda' if torch.cuda.is_available() else 'cpu'))
-open(os.environ['OUT'] + '/causal.json', 'w').write(json.dumps(table, indent=1))
-print(json.dumps(table, indent=1))"
-    cat "$W/reports/causal.log" ;;
-  *) log "unknown PART=$PART (mqar, slots, lm, passkey, causal)"; exit 2 ;;
+  checks)
+    step checks 300 env OUT="$OUT" MIXERS="${MIXERS:-all}" python3 bench/fla_peer_check.py
+    cat "$W/reports/checks.log" ;;
+  *) log "unknown PART=$PART (mqar, slots, lm, passkey, checks)"; exit 2 ;;
 esac
 log "done"
