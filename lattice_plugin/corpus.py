@@ -49,14 +49,23 @@ def train_tokenizer(text_files: list[Path], out_dir: Path, vocab_size: int = 409
     return Path(out_dir)
 
 
-def prepare_corpus(out_dir: Path, vocab_size: int = 4096, force: bool = False) -> Path:
+def prepare_corpus(
+    out_dir: Path, vocab_size: int = 4096, force: bool = False, passkey_docs: int = 0, passkey_words: int = 160
+) -> Path:
     """Copy the shipped text to ``out_dir/{train,val}`` (litgpt's TextFiles writes its token cache next to the text,
     so it cannot read from the installed package) and train a tokenizer on the training split into
-    ``out_dir/tokenizer``."""
+    ``out_dir/tokenizer``. ``passkey_docs > 0`` adds ``train/passkey.txt``
+    (:func:`~lattice_plugin.evaluation.data.passkey_training_text`, up to ``passkey_words`` words each)."""
     source = shipped_corpus()
+    if passkey_docs:
+        from lattice_plugin.evaluation.data import passkey_training_text
+
+        passkey_text = passkey_training_text(passkey_docs, passkey_words)  # refuses bad settings before writing
     with atomic_directory(out_dir, force=force) as tmp_dir:
         for split in ("train", "val"):
             shutil.copytree(source / split, tmp_dir / split)
         shutil.copy(source / "README.md", tmp_dir / "README.md")
+        if passkey_docs:
+            (tmp_dir / "train" / "passkey.txt").write_text(passkey_text, encoding="utf-8")
         train_tokenizer(sorted((tmp_dir / "train").glob("*.txt")), tmp_dir / "tokenizer", vocab_size=vocab_size)
     return Path(out_dir)

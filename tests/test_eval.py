@@ -332,3 +332,33 @@ def test_eval_config_file_sets_options_and_flags_win(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2
+
+
+def test_passkey_training_text_teaches_the_task_format_without_its_documents(tmp_path):
+    """`lattice corpus --passkey-docs`: answered documents in lattice_passkey's format, seeded apart from the task's,
+    in train/ only; bad settings are refused before anything is written."""
+    import re
+
+    from conftest import run_lattice
+    from lattice_plugin.evaluation.data import make_passkey_docs, passkey_training_text
+
+    text = passkey_training_text(50, 100)
+    assert text == passkey_training_text(50, 100)
+    docs = text.strip().split("\n\n")
+    assert len(docs) == 50
+    for doc in docs:
+        key = re.search(r"The pass key is (\d{5})\. Remember it\. \1 is the pass key\.", doc).group(1)
+        assert doc.startswith("There is an important pass key") and doc.endswith(f"The pass key is {key}.")
+        assert 20 <= len(doc.split()) <= 100 + 10
+    evaluation = make_passkey_docs(128, TaskDataConfig(passkey_items=20))
+    assert not any(doc["prompt"] in text for doc in evaluation)
+
+    run_lattice(
+        "corpus", tmp_path / "c", "--vocab-size", "300", "--passkey-docs", "7", "--passkey-words", "64", cwd=tmp_path
+    )
+    assert (tmp_path / "c" / "train" / "passkey.txt").read_text() == passkey_training_text(7, 64)
+    assert not (tmp_path / "c" / "val" / "passkey.txt").exists()
+    bad = run_lattice(
+        "corpus", tmp_path / "d", "--passkey-docs", "3", "--passkey-words", "8", cwd=tmp_path, check=False
+    )
+    assert bad.returncode == 2 and "max_words >= 32" in bad.stderr and not (tmp_path / "d").exists()

@@ -164,22 +164,41 @@ def make_kv_docs(text: str, config: TaskDataConfig) -> list[dict]:
     return docs
 
 
-def make_passkey_docs(length: int, config: TaskDataConfig) -> list[dict]:
-    rng = random.Random(f"passkey-{config.seed}-{length}")
+def passkey_document(rng: random.Random, length: int) -> dict:
+    """One pass-key document of about ``length`` words: a five-digit key at a random depth in repeated filler, and
+    the question whose answer is the key (``prompt``, ``answer``, ``length``, ``depth``)."""
     header = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n"
     filler_words = PASSKEY_FILLER.split()
-    docs = []
-    for _ in range(config.passkey_items):
-        key = f"{rng.randrange(10000, 100000)}"
-        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-        question = "\nWhat is the pass key? The pass key is"
-        budget = max(0, length - len(header.split()) - len(needle.split()) - len(question.split()))
-        sentences = max(1, round(budget / len(filler_words)))
-        depth = rng.randrange(sentences + 1)
-        body = [PASSKEY_FILLER] * depth + [needle] + [PASSKEY_FILLER] * (sentences - depth)
-        prompt = header + " ".join(body) + question
-        docs.append({"prompt": prompt, "answer": key, "length": length, "depth": round(depth / sentences, 3)})
-    return docs
+    key = f"{rng.randrange(10000, 100000)}"
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    question = "\nWhat is the pass key? The pass key is"
+    budget = max(0, length - len(header.split()) - len(needle.split()) - len(question.split()))
+    sentences = max(1, round(budget / len(filler_words)))
+    depth = rng.randrange(sentences + 1)
+    body = [PASSKEY_FILLER] * depth + [needle] + [PASSKEY_FILLER] * (sentences - depth)
+    prompt = header + " ".join(body) + question
+    return {"prompt": prompt, "answer": key, "length": length, "depth": round(depth / sentences, 3)}
+
+
+def make_passkey_docs(length: int, config: TaskDataConfig) -> list[dict]:
+    rng = random.Random(f"passkey-{config.seed}-{length}")
+    return [passkey_document(rng, length) for _ in range(config.passkey_items)]
+
+
+def passkey_training_text(documents: int, max_words: int, seed: int = 0) -> str:
+    """``documents`` answered pass-key documents of 32 to ``max_words`` words (uniformly drawn), blank-line separated,
+    from a generator seeded apart from the evaluation's: training text that teaches the format of
+    ``lattice_passkey`` at lengths up to ``max_words``, so that the task can then measure lengths beyond them."""
+    if documents < 1 or max_words < 32:
+        raise LatticeError(
+            f"pass-key training text needs documents >= 1 and max_words >= 32, got {documents}, {max_words}"
+        )
+    rng = random.Random(f"passkey-training-{seed}")
+    texts = []
+    for _ in range(documents):
+        doc = passkey_document(rng, rng.randint(32, max_words))
+        texts.append(f"{doc['prompt']} {doc['answer']}.")
+    return "\n\n".join(texts) + "\n"
 
 
 _WORD = re.compile(r"[A-Za-z]{3,}")
