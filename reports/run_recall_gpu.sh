@@ -7,7 +7,8 @@
 #                (accuracy vs K)
 #   PART=slots   same rows file, default MIXERS=lattice_exact SLOTS=16,32,64,128 (m = 64 rows are reused) (vs m)
 #   PART=lm      MIXERS=... TOKENS=3276800                                     (perplexity and tokens/s per mixer)
-#   PART=passkey  teacher-small (pretrain) -> convert -> distill small -> lattice_passkey at and beyond 256 tokens
+#   PART=passkey  corpus with PASSKEY_DOCS answered pass-key documents (default 8000) -> teacher-small (pretrain) ->
+#                convert -> distill small -> lattice_passkey at and beyond 256 tokens
 #   PART=checks  bench/fla_peer_check.py: every mixer's causality at the LM and MQAR shapes, FLA's GLA and DeltaNet
 #                kernels against FLA's own recurrences (seconds) -> fla_peer_check.json
 # Run it with the device tool from the repository root (carry .whl):  OUT=$OUT PART=mqar bash reports/run_recall_gpu.sh
@@ -65,15 +66,18 @@ case "$PART" in
       --work "$W/lm" --results "$OUT/lm.json" ${EXTRA:-}
     cat "$OUT/lm.md" ;;
   passkey)
-    step corpus 120 $L corpus "$W/corpus" --force
+    # The teacher learns the task's format from answered documents up to 160 words (~210 tokens, within its 256).
+    # On the CPU a tiny teacher needed 8000 such documents and 1600 steps to reach 0.3-0.55 at its training length
+    # (README): hence PASSKEY_DOCS, TEACHER_TOKENS (1000 steps of 64 x 256) and STAGE2_TOKENS above the recipes'.
+    step corpus 120 $L corpus "$W/corpus" --force --passkey-docs "${PASSKEY_DOCS:-8000}" --passkey-words 160
     step teacher 240 env LATTICE_COMPILE=0 $L pretrain --config recipes/pretrain/teacher-small.yaml \
       --out_dir "$W/teacher" --tokenizer_dir "$W/corpus/tokenizer" --data.init_args.train_data_path "$W/corpus/train" \
-      --data.init_args.val_data_path "$W/corpus/val"
+      --data.init_args.val_data_path "$W/corpus/val" --train.max_tokens "${TEACHER_TOKENS:-16384000}"
     step convert 120 $L convert "$W/teacher/final" --out "$W/student" --force
     use_checked_backend "$W/student"
     step distill 200 $L distill --config recipes/distill/small.yaml --teacher_dir "$W/teacher/final" \
       --student_dir "$W/student" --out_dir "$W/distill" --data.init_args.train_data_path "$W/corpus/train" \
-      --data.init_args.val_data_path "$W/corpus/val" --devices 1
+      --data.init_args.val_data_path "$W/corpus/val" --devices 1 --stage2.max_tokens "${STAGE2_TOKENS:-1048576}"
     cp "$W/distill/report.json" "$OUT/passkey-distill-report.json" 2>/dev/null
     step passkey 150 $L recall passkey "$W/teacher/final" "$W/distill/final" \
       --lengths "${LENGTHS:-128,192,384,768,1536}" \
