@@ -387,7 +387,7 @@ def test_every_built_in_mixer_passes_the_causality_check_and_a_leak_is_refused(n
     assert causality_leak(model, shape.vocab_size, shape.block_size, CPU) == 0.0
     assert model.training, "the check leaves the model in the mode it found it in"
     model.transformer.h[1].attn = _PeekAhead()
-    assert causality_leak(model, shape.vocab_size, shape.block_size, CPU) > 0.01
+    assert causality_leak(model, shape.vocab_size, shape.block_size, CPU) > 0.1
     with pytest.raises(NotCausalError, match=f"{name} is not causal here"):
         check_causal(model, MIXERS[name], shape.vocab_size, shape.block_size, CPU)
 

@@ -168,17 +168,18 @@ class NotCausalError(RuntimeError):
     (with the measured leak), for this project's mixers it stops the run (a bug)."""
 
 
-CAUSAL_TOLERANCE = 1e-2
-"""The largest change of the outputs before a cut, relative to the change after it, that still counts as causal
-(bf16 rounding can differ between two batches; a leak through a kernel is far larger)."""
+CAUSAL_TOLERANCE = 1e-3
+"""The largest change of a mixer's outputs before a cut, relative to the change after it, that still counts as causal
+(room for bf16 rounding that depends on a row's place in the batch; a causal mixer measured exactly 0 on the CPU)."""
 
 
-def causality_leak(model: nn.Module, vocab_size: int, seq_len: int, device: torch.device) -> float:
-    """How much ``model``'s outputs before the middle of a sequence move when only the tokens after it change,
-    relative to how much the outputs after it move: 0 for a causal model.
+def causality_leak(model: LatticeGPT, vocab_size: int, seq_len: int, device: torch.device) -> float:
+    """How much a mixer's outputs before the middle of a sequence move when only the tokens after it change, relative
+    to how much its outputs after it move: 0 for a causal model (the largest ratio over the blocks' mixers).
 
-    Two random sequences that share their first half, in the training forward (train mode, autograd on) and in the
-    scoring forward (eval mode, no autograd), both under the same autocast as training; the larger ratio is returned.
+    Measured on each block's mixer output (not the model's, where the residual stream would dilute a small leak) for
+    two random sequences that share their first half, in the training forward (train mode, autograd on) and in the
+    scoring forward (eval mode, no autograd), both under the same autocast as training.
     """
     generator = torch.Generator().manual_seed(0)
     cut = seq_len // 2
@@ -186,18 +187,27 @@ def causality_leak(model: nn.Module, vocab_size: int, seq_len: int, device: torc
     second = first.clone()
     second[:, cut:] = torch.randint(1, vocab_size, (2, seq_len - cut), generator=generator)
     batch = torch.cat((first, second)).to(device)
+    outputs: list[torch.Tensor] = []
+    hooks = [
+        block.attn.register_forward_hook(lambda _module, _args, out: outputs.append(out.detach().float()))
+        for block in model.transformer.h
+    ]
     training = model.training
     ratios = []
     try:
         for mode, grad in ((True, True), (False, False)):
             model.train(mode)
+            outputs.clear()
             with torch.set_grad_enabled(grad), autocast(device):
-                out = model(batch).detach().float()
-            before = (out[:2, :cut] - out[2:, :cut]).abs().max().item()
-            after = (out[:2, cut:] - out[2:, cut:]).abs().max().item()
-            ratios.append(before / max(after, 1e-30))
+                model(batch)
+            for out in outputs:
+                before = (out[:2, :cut] - out[2:, :cut]).abs().max().item()
+                after = (out[:2, cut:] - out[2:, cut:]).abs().max().item()
+                ratios.append(before / max(after, 1e-30))
     finally:
         model.train(training)
+        for hook in hooks:
+            hook.remove()
     return max(ratios)
 
 
@@ -207,8 +217,8 @@ def check_causal(model: nn.Module, mixer: Mixer, vocab_size: int, seq_len: int, 
     leak = causality_leak(model, vocab_size, seq_len, device)
     if not leak <= CAUSAL_TOLERANCE:
         raise NotCausalError(
-            f"{mixer.name} is not causal here: its outputs before token {seq_len // 2} move by {leak:.3g} of what "
-            "the later ones move when only the later tokens change"
+            f"{mixer.name} is not causal here: a mixer's outputs before token {seq_len // 2} move by {leak:.3g} of "
+            "what its later ones move when only the later tokens change"
         )
     return leak
 
