@@ -4,12 +4,14 @@
    recall row now runs first; the FLA rows that predate it get it here).
 2. FLA's chunked kernels against FLA's own token-by-token references, forward and backward, on this GPU and Triton:
    ``chunk_gla`` against ``naive_recurrent_gla`` and ``chunk_delta_rule`` against ``delta_rule_recurrence``
-   (float32 references; bf16 and float32 inputs; the recall models' head shapes, K = V = 64). FLA guards a
+   (FLA's references compute in float32; bf16 and float32 inputs; the recall models' head shapes, K = V = 64; the
+   largest relative error of the output and of the input gradients, by bench/train_gpu.py's `compare`). FLA guards a
    miscompiled Hopper kernel of Gated DeltaNet (its #640); this checks that the two layers it lets run are right.
 
     OUT=dir python bench/fla_peer_check.py          (writes dir/fla_peer_check.json and prints it)
 """
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -25,20 +27,13 @@ OUT = Path(os.environ.get("OUT", "/tmp/fla-peer-check"))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
-
-
-def compare(fn, ref_fn, inputs: list[torch.Tensor], dtype: torch.dtype) -> dict:
-    """Relative error of the output and of every input gradient, ``fn`` on ``dtype`` inputs vs ``ref_fn`` in
-    float32 (FLA's references compute in float32)."""
-    ins = [x.to(DEVICE, dtype).requires_grad_() for x in inputs]
-    refs = [x.to(DEVICE, torch.float32).requires_grad_() for x in inputs]
-    out, ref = fn(*ins), ref_fn(*refs)
-    grad = torch.randn_like(ref)
-    out.backward(grad.to(out.dtype))
-    ref.backward(grad)
-    return dict(out=rel_err(out, ref), grads=[rel_err(x.grad, r.grad) for x, r in zip(ins, refs)])
+def train_gpu_compare():
+    """``compare`` of bench/train_gpu.py (outputs and every input gradient against a float64 reference), loaded by
+    path: the GPU scripts run with PYTHONSAFEPATH set, so a sibling script is not importable by name."""
+    spec = importlib.util.spec_from_file_location("train_gpu", Path(__file__).with_name("train_gpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.compare
 
 
 def kernel_checks() -> list[dict]:
@@ -47,25 +42,26 @@ def kernel_checks() -> list[dict]:
     from fla.ops.gla import chunk_gla
     from fla.ops.gla.naive import naive_recurrent_gla
 
+    compare = train_gpu_compare()  # fn(*inputs, dtype); FLA's references compute in float32 whatever they get
     rows = []
     for B, T, H in ((4, 256, 2), (2, 256, 8), (1, 2048, 2)):
         K = 64  # key and value size per head, as in the recall models
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, T, H, K) for _ in range(3))
         g = F.logsigmoid(torch.randn(B, T, H, K)) / 16  # GLA's gate as its layer makes it
+        qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)  # DeltaNet's layer L2-normalises q and k
+        beta = torch.rand(B, T, H)
         for dtype in (torch.bfloat16, torch.float32):
             gla = compare(
-                lambda q, k, v, g: chunk_gla(q, k, v, g)[0],
-                lambda q, k, v, g: naive_recurrent_gla(q, k, v, g)[0],
+                lambda q, k, v, g, _: chunk_gla(q, k, v, g)[0],
+                lambda q, k, v, g, _: naive_recurrent_gla(q, k, v, g)[0],
                 [q, k, v, g],
                 dtype,
             )
             rows.append(dict(kernel="chunk_gla", B=B, T=T, H=H, dtype=str(dtype), inputs="q k v g", **gla))
-            qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)  # DeltaNet's layer L2-normalises q and k
-            beta = torch.rand(B, T, H)
             delta = compare(
-                lambda q, k, v, b: chunk_delta_rule(q, k, v, b)[0],
-                lambda q, k, v, b: delta_rule_recurrence(
+                lambda q, k, v, b, _: chunk_delta_rule(q, k, v, b)[0],
+                lambda q, k, v, b, _: delta_rule_recurrence(
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), b.transpose(1, 2)
                 )[0].transpose(1, 2),
                 [qn, kn, v, beta],

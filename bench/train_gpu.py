@@ -36,7 +36,7 @@ def rel_err(x, ref) -> float:
 
 def compare(fn, ref_fn, inputs, dtype) -> dict:
     """Max relative error of outputs and of every input gradient, ``fn`` in ``dtype`` vs ``ref_fn`` in float64."""
-    ins = [x.to(DEVICE, dtype).requires_grad_() for x in inputs]
+    ins = [x.detach().to(DEVICE, dtype).requires_grad_() for x in inputs]  # fresh leaves, never the inputs
     refs_in = [x.detach().double().requires_grad_() for x in ins]
     outs, refs = fn(*ins, dtype), ref_fn(*refs_in, torch.float64)
     outs, refs = (outs, refs) if isinstance(outs, tuple) else ((outs,), (refs,))
