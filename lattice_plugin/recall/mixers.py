@@ -16,7 +16,7 @@ from lattice_plugin.config import LatticeConfig
 from lattice_plugin.errors import LatticeError
 from lattice_plugin.fla_mixer import FLA_LAYERS, FLAMixer, TrainingOnlyMixer, fla_missing_reason
 from lattice_plugin.model import LatticeGPT
-from lattice_plugin.recall.results import ResultsFile, run_pending
+from lattice_plugin.recall.results import ROW_ERRORS, ResultsFile, run_pending
 from lattice_plugin.recall.training import autocast
 
 
@@ -238,7 +238,7 @@ def causality_table(mixers: Iterable[Mixer], shapes: dict[str, ModelShape], devi
                 try:
                     model = build_model(mixer, shape).to(device)
                     entry["causal_leak"] = causality_leak(model, shape.vocab_size, shape.block_size, device)
-                except (RuntimeError, NotImplementedError, AssertionError, ValueError) as error:
+                except ROW_ERRORS as error:
                     entry["not_measured"] = f"{type(error).__name__}: {str(error).strip()[:300]}"
             table.append(entry)
     return table

@@ -76,6 +76,9 @@ class ResultsFile:
 
 
 RESULT_FIELDS = ("accuracy", "heldout_ppl", "tokens_per_s")
+ROW_ERRORS = (RuntimeError, NotImplementedError, AssertionError, ValueError)
+"""What a row can fail with that may be a result rather than a bug: out of memory, or another library's kernels
+refusing this GPU (the callers decide which; anything else always propagates)."""
 Job = tuple[str, dict[str, Any], Callable[[], dict[str, Any]]]
 """A row to run: the mixer's name, the row's key, and the function that trains and measures it."""
 
@@ -125,7 +128,7 @@ def run_pending(
         row_started = time.perf_counter()
         try:
             row = run()
-        except (RuntimeError, NotImplementedError, AssertionError, ValueError) as error:
+        except ROW_ERRORS as error:
             if isinstance(error, LatticeError) or not (isinstance(error, torch.OutOfMemoryError) or external(mixer)):
                 raise
             text = str(error).strip()
