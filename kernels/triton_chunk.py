@@ -43,6 +43,7 @@ FWD_SPLIT_PER_SM = 2
 FWD_SCAN_WARPS = 1
 BWD_SCAN_WARPS = 1
 SCAN_WARPS = 2
+BWD_ROW_LOOKAHEAD = 0  # steps ahead the reverse sweep loads its Gram rows (docs/design.md, version 12)
 
 
 def _sub_gram(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -273,6 +274,7 @@ def lattice_bwd(do, d_final, q, k, v, beta, saved, setup: _Setup):
             s.exact,
             HAS_DFINAL=d_final is not None,
             PREC=s.prec,
+            LOOKAHEAD=BWD_ROW_LOOKAHEAD,
             **s.flags,
             num_warps=s.warps_bwd,
         )

@@ -161,6 +161,14 @@ def test_bfloat16(gates, split_forward, monkeypatch):
     check(run_both(torch.bfloat16, shape, gates=gates, chunk_size=32), torch.bfloat16)
 
 
+@pytest.mark.parametrize("lookahead", [1, 3])
+@pytest.mark.parametrize("gates", ["exact", "chunk"])
+def test_reverse_sweep_row_lookahead(lookahead, gates, monkeypatch):
+    """The reverse sweep's Gram rows loaded steps ahead of their use (GQA: one row per query head)."""
+    monkeypatch.setattr(triton_chunk, "BWD_ROW_LOOKAHEAD", lookahead)
+    check(run_both(torch.float32, (1, 37, 4, 2, 16, 24), gates=gates, chunk_size=32), torch.float32)
+
+
 def test_chunk_gates_reject_unaligned_chunk():
     q, k, v, beta, s0 = random_inputs(1, 4, 1, 1, 16, 16, per_batch_state=True)
     with pytest.raises(ValueError, match="multiple of 16"):
