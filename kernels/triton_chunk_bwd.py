@@ -78,16 +78,40 @@ def _prefetch_sub(
 
 
 @triton.jit
+def _prefix_scalars(p, j: tl.constexpr):
+    """Entries ``l < j`` of a Gram row at ``p`` as ``j`` scalar loads (Triton's Coalesce pass skips scalar memory
+    operations; it walks a slice of the whole kernel for every tensor one)."""
+    out = ()
+    for l in tl.static_range(j):
+        out = out + (tl.load(p + l),)
+    return out
+
+
+@triton.jit
 def _step_rows(
-    hgram, p_g, qrow0, j: tl.constexpr, HQ: tl.constexpr, H: tl.constexpr, BCC: tl.constexpr, EXACT: tl.constexpr
+    hgram,
+    p_g,
+    qrow0,
+    j: tl.constexpr,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    BCC: tl.constexpr,
+    EXACT: tl.constexpr,
+    SCALAR: tl.constexpr,
 ):
     """The Gram rows step ``j > 0`` of the reverse sweep reads: per query head ``do_{j-1} . v_l``, and (exact gates)
-    ``v_j . v_l``, for ``l < j`` (:func:`_row_prefix`; ``p_g``: the sub-chunk's first Gram row)."""
+    ``v_j . v_l``, for ``l < j`` (``p_g``: the sub-chunk's first Gram row); :func:`_row_prefix` vector loads, or
+    scalar loads (``SCALAR``)."""
     G: tl.constexpr = HQ // H
     Hrs = ()
     for gq in tl.static_range(G):
-        Hrs = Hrs + (_row_prefix(hgram + (qrow0 + gq + (j - 1) * HQ) * BCC, j),)
-    if EXACT:
+        if SCALAR:
+            Hrs = Hrs + (_prefix_scalars(hgram + (qrow0 + gq + (j - 1) * HQ) * BCC, j),)
+        else:
+            Hrs = Hrs + (_row_prefix(hgram + (qrow0 + gq + (j - 1) * HQ) * BCC, j),)
+    if EXACT and SCALAR:
+        Gr = _prefix_scalars(p_g + j * H * BCC, j)
+    elif EXACT:
         Gr = _row_prefix(p_g + j * H * BCC, j)
     else:
         Gr = Hrs[0]
@@ -130,6 +154,7 @@ def bwd_scan_kernel(
     HAS_DFINAL: tl.constexpr,
     PREC: tl.constexpr,
     LOOKAHEAD: tl.constexpr = 0,
+    SCALAR_ROWS: tl.constexpr = False,
 ):
     """The reverse sweep: ``dc``, d gamma and d ||v||^2 per token, the state gradient at every chunk end.
 
@@ -293,10 +318,10 @@ def bwd_scan_kernel(
             ahead = ()  # the rows of step BCC - 1 - i at index i, loaded LOOKAHEAD steps early
             for i in tl.static_range(LOOKAHEAD):
                 if BCC - 1 - i > 0:
-                    ahead = ahead + (_step_rows(hgram, p_g, qrow0, BCC - 1 - i, HQ, H, BCC, EXACT),)
+                    ahead = ahead + (_step_rows(hgram, p_g, qrow0, BCC - 1 - i, HQ, H, BCC, EXACT, SCALAR_ROWS),)
             for j in tl.static_range(BCC - 1, -1, -1):
                 if LOOKAHEAD > 0 and j - LOOKAHEAD > 0:
-                    ahead = ahead + (_step_rows(hgram, p_g, qrow0, j - LOOKAHEAD, HQ, H, BCC, EXACT),)
+                    ahead = ahead + (_step_rows(hgram, p_g, qrow0, j - LOOKAHEAD, HQ, H, BCC, EXACT, SCALAR_ROWS),)
                 # d b_j = g_j . v_j ; d a_j = g_j . s_{j-1} = A_{j-1} rho + sum_{l<j} b_l (prod_{l<l'<j} a_l') U[l]
                 x = rho
                 for l in tl.static_range(j):
@@ -332,7 +357,7 @@ def bwd_scan_kernel(
                     if LOOKAHEAD > 0:
                         Hrs, Gr = ahead[BCC - 1 - j]
                     else:
-                        Hrs, Gr = _step_rows(hgram, p_g, qrow0, j, HQ, H, BCC, EXACT)
+                        Hrs, Gr = _step_rows(hgram, p_g, qrow0, j, HQ, H, BCC, EXACT, SCALAR_ROWS)
                     rho = As[j] * rho
                     Un = ()
                     for l in tl.static_range(j):
