@@ -43,8 +43,7 @@ FWD_SPLIT_PER_SM = 2
 FWD_SCAN_WARPS = 1
 BWD_SCAN_WARPS = 1
 SCAN_WARPS = 2
-BWD_ROW_LOOKAHEAD = 0  # steps ahead the reverse sweep loads its Gram rows (docs/design.md, version 12)
-BWD_SCALAR_ROWS = False  # the reverse sweep's Gram rows as scalar loads instead of vector loads (same)
+BWD_SCALAR_ROWS = False  # the reverse sweep's Gram rows as scalar loads (docs/design.md, version 12)
 
 
 def _sub_gram(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -275,7 +274,6 @@ def lattice_bwd(do, d_final, q, k, v, beta, saved, setup: _Setup):
             s.exact,
             HAS_DFINAL=d_final is not None,
             PREC=s.prec,
-            LOOKAHEAD=BWD_ROW_LOOKAHEAD,
             SCALAR_ROWS=BWD_SCALAR_ROWS,
             **s.flags,
             num_warps=s.warps_bwd,

@@ -78,44 +78,17 @@ def _prefetch_sub(
 
 
 @triton.jit
-def _prefix_scalars(p, j: tl.constexpr):
-    """Entries ``l < j`` of a Gram row at ``p`` as ``j`` scalar loads (Triton's Coalesce pass skips scalar memory
-    operations; it walks a slice of the whole kernel for every tensor one)."""
-    out = ()
-    for l in tl.static_range(j):
-        out = out + (tl.load(p + l),)
-    return out
-
-
-@triton.jit
-def _step_rows(
-    hgram,
-    p_g,
-    qrow0,
-    j: tl.constexpr,
-    HQ: tl.constexpr,
-    H: tl.constexpr,
-    BCC: tl.constexpr,
-    EXACT: tl.constexpr,
-    SCALAR: tl.constexpr,
-):
-    """The Gram rows step ``j > 0`` of the reverse sweep reads: per query head ``do_{j-1} . v_l``, and (exact gates)
-    ``v_j . v_l``, for ``l < j`` (``p_g``: the sub-chunk's first Gram row); :func:`_row_prefix` vector loads, or
-    scalar loads (``SCALAR``)."""
-    G: tl.constexpr = HQ // H
-    Hrs = ()
-    for gq in tl.static_range(G):
-        if SCALAR:
-            Hrs = Hrs + (_prefix_scalars(hgram + (qrow0 + gq + (j - 1) * HQ) * BCC, j),)
-        else:
-            Hrs = Hrs + (_row_prefix(hgram + (qrow0 + gq + (j - 1) * HQ) * BCC, j),)
-    if EXACT and SCALAR:
-        Gr = _prefix_scalars(p_g + j * H * BCC, j)
-    elif EXACT:
-        Gr = _row_prefix(p_g + j * H * BCC, j)
+def _gram_prefix(p, j: tl.constexpr, SCALAR: tl.constexpr):
+    """Entries ``l < j`` of a Gram row at ``p``: :func:`_row_prefix` vector loads, or ``j`` scalar loads
+    (``SCALAR``; Triton's Coalesce pass skips scalar memory operations, and it walks a slice of the whole kernel for
+    every tensor one)."""
+    if SCALAR:
+        out = ()
+        for l in tl.static_range(j):
+            out = out + (tl.load(p + l),)
     else:
-        Gr = Hrs[0]
-    return Hrs, Gr
+        out = _row_prefix(p, j)
+    return out
 
 
 @triton.jit(do_not_specialize=["NC"])  # one build for every chunk count
@@ -153,7 +126,6 @@ def bwd_scan_kernel(
     TRACK_NS: tl.constexpr,
     HAS_DFINAL: tl.constexpr,
     PREC: tl.constexpr,
-    LOOKAHEAD: tl.constexpr = 0,
     SCALAR_ROWS: tl.constexpr = False,
 ):
     """The reverse sweep: ``dc``, d gamma and d ||v||^2 per token, the state gradient at every chunk end.
@@ -166,9 +138,8 @@ def bwd_scan_kernel(
     first replayed forward from its stored start state to put the state before each sub-chunk in ``scratch``
     (``CS / BCC`` tiles of ``BD x BM`` floats per program).
 
-    At step ``j`` the rows ``v_j . v_l`` and ``do_{j-1} . v_l`` (``l < j``) are :func:`_row_prefix` vector loads,
-    issued ``LOOKAHEAD`` steps before their use (they do not depend on the chain: their latency overlaps the steps
-    between);
+    At step ``j`` the rows ``v_j . v_l`` and ``do_{j-1} . v_l`` (``l < j``) are :func:`_gram_prefix` vector loads
+    (scalar loads with ``SCALAR_ROWS``);
     ``gamma`` is one ``beta * k`` tile product; the ``c``, ``gamma`` and ``q`` tiles pass :func:`_opaque` before
     their unpack; every tile the next sub-chunk reads (replay or sweep) is prefetched into L1
     (:func:`_prefetch_sub`). The host launches it on 8-slot blocks at one warp for 16-bit inputs (docs/design.md)."""
@@ -315,13 +286,7 @@ def bwd_scan_kernel(
             DG = tl.zeros([BCC, BM], dtype=tl.float32)
             DV = tl.zeros([BCC, BM], dtype=tl.float32)
             o_r = o_c[:, None]
-            ahead = ()  # the rows of step BCC - 1 - i at index i, loaded LOOKAHEAD steps early
-            for i in tl.static_range(LOOKAHEAD):
-                if BCC - 1 - i > 0:
-                    ahead = ahead + (_step_rows(hgram, p_g, qrow0, BCC - 1 - i, HQ, H, BCC, EXACT, SCALAR_ROWS),)
             for j in tl.static_range(BCC - 1, -1, -1):
-                if LOOKAHEAD > 0 and j - LOOKAHEAD > 0:
-                    ahead = ahead + (_step_rows(hgram, p_g, qrow0, j - LOOKAHEAD, HQ, H, BCC, EXACT, SCALAR_ROWS),)
                 # d b_j = g_j . v_j ; d a_j = g_j . s_{j-1} = A_{j-1} rho + sum_{l<j} b_l (prod_{l<l'<j} a_l') U[l]
                 x = rho
                 for l in tl.static_range(j):
@@ -354,23 +319,21 @@ def bwd_scan_kernel(
                         nu += dns
                 if j > 0:
                     # g_{j-1} = a_j g_j + sum_g q_{j-1} do_{j-1} (+ dc_j v_j when the gates read s_{j-1})
-                    if LOOKAHEAD > 0:
-                        Hrs, Gr = ahead[BCC - 1 - j]
-                    else:
-                        Hrs, Gr = _step_rows(hgram, p_g, qrow0, j, HQ, H, BCC, EXACT, SCALAR_ROWS)
                     rho = As[j] * rho
                     Un = ()
                     for l in tl.static_range(j):
                         Un = Un + (As[j] * U[l],)
                     U = Un
                     for gq in tl.static_range(G):
+                        Hr = _gram_prefix(hgram + (qrow0 + gq + (j - 1) * HQ) * BCC, j, SCALAR_ROWS)  # do_{j-1} . v_l
                         Un = ()
-                        for l in tl.static_range(j):  # do_{j-1} . v_l
-                            Un = Un + (U[l] + Qs[gq][j - 1] * Hrs[gq][l],)
+                        for l in tl.static_range(j):
+                            Un = Un + (U[l] + Qs[gq][j - 1] * Hr[l],)
                         U = Un
                         rho += Qs[gq][j - 1] * Fs[gq][j - 1]
                     if EXACT:
-                        Un = ()  # v_j . v_l
+                        Gr = _gram_prefix(p_g + j * H * BCC, j, SCALAR_ROWS)  # v_j . v_l
+                        Un = ()
                         for l in tl.static_range(j):
                             Un = Un + (U[l] + dc * Gr[l],)
                         U = Un

@@ -161,13 +161,10 @@ def test_bfloat16(gates, split_forward, monkeypatch):
     check(run_both(torch.bfloat16, shape, gates=gates, chunk_size=32), torch.bfloat16)
 
 
-@pytest.mark.parametrize("lookahead,scalar", [(1, False), (3, True), (0, True)])
 @pytest.mark.parametrize("gates", ["exact", "chunk"])
-def test_reverse_sweep_row_loads(lookahead, scalar, gates, monkeypatch):
-    """The reverse sweep's Gram rows loaded steps ahead of their use, as vectors or scalars (GQA: one row per query
-    head)."""
-    monkeypatch.setattr(triton_chunk, "BWD_ROW_LOOKAHEAD", lookahead)
-    monkeypatch.setattr(triton_chunk, "BWD_SCALAR_ROWS", scalar)
+def test_reverse_sweep_scalar_rows(gates, monkeypatch):
+    """The reverse sweep's Gram rows as scalar loads (GQA: one row per query head)."""
+    monkeypatch.setattr(triton_chunk, "BWD_SCALAR_ROWS", True)
     check(run_both(torch.float32, (1, 37, 4, 2, 16, 24), gates=gates, chunk_size=32), torch.float32)
 
 
