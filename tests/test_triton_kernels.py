@@ -161,6 +161,14 @@ def test_bfloat16(gates, split_forward, monkeypatch):
     check(run_both(torch.bfloat16, shape, gates=gates, chunk_size=32), torch.bfloat16)
 
 
+@pytest.mark.parametrize("spacing", [16, 128])
+def test_exact_state_spacing(spacing, monkeypatch):
+    """Exact gates store the state every CS_EXACT tokens, a free choice the results must not depend on (the reverse
+    sweep replays CS_EXACT / 16 sub-chunks into its scratch): ragged T over several stored states, GQA."""
+    monkeypatch.setattr(triton_chunk, "CS_EXACT", spacing)
+    check(run_both(torch.float32, (1, 150, 4, 2, 16, 24), reference="recurrent"), torch.float32)
+
+
 @pytest.mark.parametrize("gates", ["exact", "chunk"])
 def test_reverse_sweep_scalar_rows(gates, monkeypatch):
     """The reverse sweep's Gram rows as scalar loads (GQA: one row per query head)."""
