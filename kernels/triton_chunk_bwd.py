@@ -126,7 +126,7 @@ def bwd_scan_kernel(
     TRACK_NS: tl.constexpr,
     HAS_DFINAL: tl.constexpr,
     PREC: tl.constexpr,
-    SCALAR_ROWS: tl.constexpr = False,
+    SCALAR_ROWS: tl.constexpr,
 ):
     """The reverse sweep: ``dc``, d gamma and d ||v||^2 per token, the state gradient at every chunk end.
 
