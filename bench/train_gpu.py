@@ -199,12 +199,14 @@ def main() -> int:
             name=f"train_T{T}",
             mixers=tuple(os.environ.get("MIXERS", ",".join(MIXERS)).split(",")),
         )["model"]
-    print(f"\n{'mixer':>14} {'T':>6} {'tokens/s':>10} {'peak GiB':>9} {'first step s':>12}")
+    print(
+        f"\n{'mixer':>14} {'T':>6} {'tokens/s':>10} {'peak GiB':>9} {'first step s':>12} {'step ms':>8} {'host ms':>8}"
+    )
     for row in rows:
         if "tokens_per_s" in row:
             print(
                 f"{row['method']:>14} {row['T']:>6} {row['tokens_per_s']:>10.0f} {row['peak_gib']:>9.1f} "
-                f"{row['first_step_s']:>12.1f}"
+                f"{row['first_step_s']:>12.1f} {row['step_ms']:>8.1f} {row['host_ms']:>8.1f}"
             )
         else:
             print(f"{row['method']:>14} {row['T']:>6} {row.get('error', '')[:80]}")

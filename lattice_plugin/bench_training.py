@@ -112,7 +112,9 @@ def measure_training(
     device: torch.device = torch.device("cuda"),
     **shape,
 ) -> dict:
-    """Tokens/s and peak memory (CUDA only) of ``mixer``'s training step at sequence length ``T``."""
+    """Tokens/s and peak memory (CUDA only) of ``mixer``'s training step at sequence length ``T``. ``host_ms`` is
+    the time the host takes to issue one step with the GPU idle: near ``step_ms``, the step waits on Python and
+    kernel launches (or on a host sync inside it), not on the GPU."""
     from lattice_plugin.bench import _kernel_times
 
     B = max(1, tokens // T)
@@ -133,6 +135,10 @@ def measure_training(
         step()
     _sync(device)
     seconds = time.perf_counter() - started
+    started = time.perf_counter()  # one more step from an idle GPU: how long the host takes to issue it
+    step()
+    host_ms = 1000 * (time.perf_counter() - started)
+    _sync(device)
     row = dict(
         method=mixer,
         T=T,
@@ -140,6 +146,7 @@ def measure_training(
         tokens_per_step=B * T,
         steps=steps,
         step_ms=1000 * seconds / steps,
+        host_ms=host_ms,
         tokens_per_s=B * T * steps / seconds,
         first_step_s=first_s,
         peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,

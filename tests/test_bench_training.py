@@ -83,6 +83,7 @@ def test_measure_and_plot(tmp_path):
 
     row = measure_training("hybrid", 16, 32, warmup=1, steps=1, device=torch.device("cpu"), **TINY)
     assert row["B"] == 2 and row["tokens_per_step"] == 32 and row["tokens_per_s"] > 0 and row["peak_gib"] is None
+    assert 0 < row["host_ms"]
     row["peak_gib"] = 1.0
     plot(dict(device="cpu", model=[row, dict(method="attention", T=16, error="x")]), tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
