@@ -347,50 +347,142 @@ def _pad_tokens(x: torch.Tensor, pad: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], dim=1)
 
 
-class LatticeChunkFunction(torch.autograd.Function):
-    """Autograd wrapper of the chunkwise kernels; inputs contiguous, ``state`` float32 ``(B, Hkv, d, m)``.
+# The forward and backward are registered as PyTorch custom ops (torch.library), so that torch.compile (which
+# litgpt's pretrain wraps every model in) keeps a model with Lattice layers in one graph: the ops are opaque to it,
+# their fake versions below give it the output shapes, and the autograd formula ties the two together. Their
+# inputs are the unpadded tensors; each op pads a ragged T itself (padding tokens have ``beta = 0``: they leave
+# every slot unchanged and receive no gradient).
 
-    The sweeps walk whole 16-token sub-chunks: a ragged ``T`` is padded with tokens whose ``beta`` is 0, which
-    leave every slot unchanged (``a = 1, b = 0``) and receive no gradient, and the outputs are cut back to ``T``.
-    """
 
-    @staticmethod
-    def forward(ctx, q, k, v, beta, state, chunk_size, exact, orthogonal, normalize, gate_solver, fixed_point_iters):
-        T = q.shape[1]
-        pad = -T % BC
-        q, k, v, beta = (_pad_tokens(x, pad) for x in (q, k, v, beta))
-        setup = _Setup(
-            q,
-            v,
-            chunk_size=chunk_size,
-            exact=exact,
-            orthogonal=orthogonal,
-            normalize=normalize,
-            gate_solver=gate_solver,
-            fixed_point_iters=fixed_point_iters,
-        )
-        o, final, saved = lattice_fwd(q, k, v, beta, state, setup)
-        ctx.setup = setup
-        ctx.pad = pad
-        ctx.save_for_backward(q, k, v, beta, *saved)
-        return o[:, :T] if pad else o, final
+def _saved_layout(track_ns: bool, gate_solver: str) -> tuple[str, ...]:
+    """Names of the tensors the forward op returns after ``o`` and ``final`` for the backward (none aliasing
+    another output: ``ns`` is ``c`` unless tracked, the fixed point's ``final`` is the op's ``final``)."""
+    return (
+        ("gram", "c", "states") + (("ns",) if track_ns else ()) + (("norms",) if gate_solver == "fixed_point" else ())
+    )
 
-    @staticmethod
-    def backward(ctx, do, d_final):
-        q, k, v, beta, *saved = ctx.saved_tensors
-        dq, dk, dv, dbeta, d_state = lattice_bwd(
-            _pad_tokens(do.contiguous(), ctx.pad),
-            None if d_final is None else d_final.contiguous(),
-            q,
-            k,
-            v,
-            beta,
-            saved,
-            ctx.setup,
-        )
-        T = q.shape[1] - ctx.pad
-        dq, dk, dv, dbeta = (x[:, :T] for x in (dq, dk, dv, dbeta))
-        return dq, dk, dv, dbeta, d_state, None, None, None, None, None, None
+
+_OPTIONS = ("chunk_size", "exact", "orthogonal", "normalize", "gate_solver", "fixed_point_iters")
+
+
+def _setup(q: torch.Tensor, v: torch.Tensor, options: tuple) -> _Setup:
+    return _Setup(q, v, **dict(zip(_OPTIONS, options)))
+
+
+def chunk_forward(q, k, v, beta, state, *options) -> list[torch.Tensor]:
+    """``[o, final, *saved]`` (``saved`` as :func:`_saved_layout` names it) for unpadded inputs and the options
+    ``_OPTIONS`` names; the body of the forward op."""
+    T, pad = q.shape[1], -q.shape[1] % BC
+    q, k, v, beta = (_pad_tokens(x, pad) for x in (q, k, v, beta))
+    setup = _setup(q, v, options)
+    o, final, (gram, c, ns, states, *extra) = lattice_fwd(q, k, v, beta, state, setup)
+    saved = dict(gram=gram, c=c, states=states, ns=ns, norms=extra[0] if extra else None)
+    layout = _saved_layout(setup.flags["TRACK_NS"], setup.gate_solver)
+    return [o[:, :T].contiguous() if pad else o, final, *(saved[name] for name in layout)]
+
+
+def chunk_backward(do, d_final, q, k, v, beta, final, saved, *options) -> list[torch.Tensor]:
+    """``[dq, dk, dv, dbeta, d_state]`` from the gradients of ``o`` and ``final`` (None: unused) and what
+    :func:`chunk_forward` returned; the body of the backward op."""
+    T, pad = q.shape[1], -q.shape[1] % BC
+    q, k, v, beta, do = (_pad_tokens(x, pad) for x in (q, k, v, beta, do))
+    setup = _setup(q, v, options)
+    named = dict(zip(_saved_layout(setup.flags["TRACK_NS"], setup.gate_solver), saved))
+    extra = (named["norms"], final) if setup.gate_solver == "fixed_point" else ()
+    bwd_saved = (named["gram"], named["c"], named.get("ns", named["c"]), named["states"], *extra)
+    grads = lattice_bwd(do, d_final, q, k, v, beta, bwd_saved, setup)
+    return [x[:, :T].contiguous() for x in grads[:4]] + [grads[4]] if pad else list(grads)
+
+
+@torch.library.custom_op("lattice::chunk_fwd", mutates_args=())
+def _chunk_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    chunk_size: int,
+    exact: bool,
+    orthogonal: bool,
+    normalize: bool,
+    gate_solver: str,
+    fixed_point_iters: int,
+    build_backward: bool,
+) -> list[torch.Tensor]:
+    """:func:`chunk_forward`; ``build_backward``: the first call of a new shape also builds the backward's kernels
+    (an input needs grad)."""
+    from .triton_compile import compile_once
+
+    options = (chunk_size, exact, orthogonal, normalize, gate_solver, fixed_point_iters)
+    compile_once(q, k, v, beta, state, options, train=build_backward)
+    return chunk_forward(q, k, v, beta, state, *options)
+
+
+@_chunk_fwd_op.register_fake
+def _chunk_fwd_fake(
+    q, k, v, beta, state, chunk_size, exact, orthogonal, normalize, gate_solver, fixed_point_iters, build_backward
+):
+    (B, T, HQ, M), (H, D) = q.shape, v.shape[2:]
+    TP = T + -T % BC
+    NC = triton.cdiv(TP, CS_EXACT if exact else chunk_size)
+    f32 = dict(dtype=torch.float32)
+    shapes = dict(gram=(B, TP, H, BC), c=(B, TP, H, M), states=(B, H, NC, D, M), ns=(B, TP, H, M), norms=(B, H, NC, M))
+    layout = _saved_layout(orthogonal and not normalize, gate_solver)
+    return [q.new_empty(B, T, HQ, D), q.new_empty(B, H, D, M, **f32), *(q.new_empty(shapes[n], **f32) for n in layout)]
+
+
+@torch.library.custom_op("lattice::chunk_bwd", mutates_args=())
+def _chunk_bwd_op(
+    do: torch.Tensor,
+    d_final: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    final: torch.Tensor,
+    saved: list[torch.Tensor],
+    chunk_size: int,
+    exact: bool,
+    orthogonal: bool,
+    normalize: bool,
+    gate_solver: str,
+    fixed_point_iters: int,
+) -> list[torch.Tensor]:
+    """:func:`chunk_backward`."""
+    options = (chunk_size, exact, orthogonal, normalize, gate_solver, fixed_point_iters)
+    return chunk_backward(do, d_final, q, k, v, beta, final, saved, *options)
+
+
+@_chunk_bwd_op.register_fake
+def _chunk_bwd_fake(do, d_final, q, k, v, beta, final, saved, *options):
+    return [
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(beta),
+        torch.empty_like(final),
+    ]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, beta = inputs[:4]
+    ctx.options = inputs[5 : 5 + len(_OPTIONS)]
+    ctx.set_materialize_grads(False)  # None, not zeros, for the outputs nothing used (``final`` in training)
+    ctx.save_for_backward(q, k, v, beta, *output[1:])
+
+
+def _backward(ctx, grads):
+    q, k, v, beta, final, *saved = ctx.saved_tensors
+    do, d_final = grads[0], grads[1]
+    if do is None:
+        do = torch.zeros(*q.shape[:3], v.shape[3], device=q.device, dtype=q.dtype)
+    dq, dk, dv, dbeta, d_state = _chunk_bwd_op(
+        do.contiguous(), None if d_final is None else d_final.contiguous(), q, k, v, beta, final, saved, *ctx.options
+    )
+    return dq, dk, dv, dbeta, d_state, *(None for _ in range(len(_OPTIONS) + 1))
+
+
+_chunk_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def chunk_lattice_triton(
@@ -420,16 +512,8 @@ def chunk_lattice_triton(
         raise ValueError(f"the Triton backend needs chunk_size to be a multiple of {BC} for gates='chunk'")
     if gate_solver == "fixed_point" and not normalize:
         raise ValueError("gate_solver='fixed_point' needs normalize=True (positive forget gates)")
-    return LatticeChunkFunction.apply(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        beta.contiguous(),
-        state.contiguous().float(),
-        chunk_size,
-        exact,
-        orthogonal,
-        normalize,
-        gate_solver,
-        fixed_point_iters,
-    )
+    inputs = (q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), state.contiguous().float())
+    build_backward = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    options = (chunk_size, exact, orthogonal, normalize, gate_solver, fixed_point_iters)  # as _OPTIONS names them
+    o, final, *_ = _chunk_fwd_op(*inputs, *options, build_backward)
+    return o, final

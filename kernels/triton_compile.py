@@ -43,42 +43,34 @@ def _compile_only(*modules):
             del kernel.run
 
 
-def compile_once(q, k, v, beta, state, **options) -> None:
-    """Build, all at once, every kernel that ``chunk_lattice_triton(q, k, v, beta, state, **options)`` and (when an
-    input requires grad) its backward will launch; a no-op for combinations built before in this process."""
-    compile_many([((q, k, v, beta, state), options)])
+def compile_once(q, k, v, beta, state, options: tuple, *, train: bool) -> None:
+    """Build, all at once, every kernel that the forward op on these inputs with ``options`` (as
+    ``triton_chunk._OPTIONS`` names them) and, with ``train``, its backward will launch; a no-op for combinations
+    built before in this process."""
+    compile_many([((q, k, v, beta, state), options)], train=train)
 
 
-def compile_many(calls) -> None:
+def compile_many(calls, *, train: bool | None = None) -> None:
     """:func:`compile_once` for several ``((q, k, v, beta, state), options)`` at once: one parallel batch of builds
-    (e.g. both gate modes before a benchmark)."""
-    from .triton_chunk import chunk_lattice_triton
+    (e.g. both gate modes before a benchmark). ``train`` None: build the backward when an input requires grad."""
+    from .triton_chunk import chunk_backward, chunk_forward
 
     todo = []
     for inputs, options in calls:
         q, v = inputs[0], inputs[2]
-        train = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+        grad = (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)) if train is None else train
         # every shape but T (the kernels' blocking depends on the batch; T's chunk count is not specialised)
-        key = (
-            q.dtype,
-            q.shape[0],
-            q.shape[2],
-            *v.shape[2:],
-            q.shape[3],
-            train,
-            q.device,
-            tuple(sorted(options.items())),
-        )
+        key = (q.dtype, q.shape[0], q.shape[2], *v.shape[2:], q.shape[3], grad, q.device, options)
         if key not in _compiled and key not in [t[0] for t in todo] and os.environ.get("TRITON_INTERPRET") != "1":
-            todo.append((key, [x.detach().requires_grad_(train) for x in inputs], options, train))
+            todo.append((key, [x.detach().contiguous() for x in inputs], options, grad))
     if not todo:
         return
-    try:
-        with _compile_only(triton_chunk_fwd, triton_chunk_bwd, triton_gates_fwd, triton_gates_bwd), torch.enable_grad():
-            for _, inputs, options, train in todo:
-                o, _ = chunk_lattice_triton(*inputs, **options)
-                if train:
-                    torch.autograd.grad(o, inputs, torch.zeros_like(o), allow_unused=True)
+    try:  # the stages directly, not the ops: inside an op autograd is off, and no graph is needed
+        with _compile_only(triton_chunk_fwd, triton_chunk_bwd, triton_gates_fwd, triton_gates_bwd):
+            for _, (q, k, v, beta, state), options, grad in todo:
+                o, final, *saved = chunk_forward(q, k, v, beta, state.float(), *options)
+                if grad:
+                    chunk_backward(torch.zeros_like(o), None, q, k, v, beta, final, saved, *options)
     except Exception as error:  # only a speed-up: the kernels still build one by one on first launch
         warnings.warn(
             f"parallel build of the Lattice kernels failed, building on first launch instead: {error!r}", stacklevel=2

@@ -26,7 +26,9 @@ def activation_dtype(x: torch.Tensor) -> torch.dtype:
     state arithmetic stay float32.
     """
     device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    # torch.compile cannot trace is_autocast_available (a graph break per layer), and compiled models run on cuda/cpu
+    known = device in ("cuda", "cpu") or (not torch.compiler.is_compiling() and torch.amp.is_autocast_available(device))
+    if known and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype  # also on devices autocast does not know (meta: litgpt's FLOP count)
 

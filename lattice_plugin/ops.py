@@ -93,7 +93,6 @@ def _check_gate_solver(gate_solver: str, iters: int, backend: str, normalize: bo
             raise LatticeError(f"fixed_point_iters must be a non-negative integer, got {iters!r}")
 
 
-@torch.compiler.disable
 def lattice_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -145,26 +144,47 @@ def lattice_attention(
     _check_gate_solver(gate_solver, fixed_point_iters, backend, normalize)
     if gate_solver == "auto":
         gate_solver = "fixed_point" if gates == "chunk" and normalize and backend != "recurrent" else "scan"
+    options = dict(
+        gates=gates,
+        orthogonal=orthogonal,
+        normalize=normalize,
+        chunk_size=chunk_size,
+        gate_solver=gate_solver,
+        fixed_point_iters=fixed_point_iters,
+    )
+    if backend == "triton":  # custom ops (kernels/triton_chunk.py): torch.compile keeps them in its graph
+        from lattice_plugin.kernels.triton_chunk import chunk_lattice_triton
+
+        state = _start_state(s0, initial_state, q, normalize)
+        o, final_state = chunk_lattice_triton(q, k, v, beta, state, **options)
+    else:
+        o, final_state = _reference_lattice(q, k, v, beta, s0, initial_state, backend, **options)
+    return o.to(q.dtype), (final_state if output_final_state else None)
+
+
+def _start_state(s0: torch.Tensor, initial_state: torch.Tensor | None, q: torch.Tensor, normalize: bool):
+    """The ``(B, Hkv, d, m)`` state the sequence starts from, in the compute dtype."""
     dtype = compute_dtype(q.dtype)
     if initial_state is None:  # the learned slots always start on the sphere (docs/math.md §2-3)
-        state = normalize_slots(s0.to(dtype)).unsqueeze(0).expand(q.shape[0], -1, -1, -1)
-    else:  # a state to continue from is used as given, apart from the retraction of the normalised variants
-        state = normalize_slots(initial_state.to(dtype)) if normalize else initial_state.to(dtype)
-    flags = dict(orthogonal=orthogonal, normalize=normalize)
-    if backend == "recurrent":
-        o, final_state = recurrent_lattice(q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), state, **flags)
-    elif backend == "torch" and gate_solver == "fixed_point" and gates == "exact":
-        o, final_state, _ = fixed_point_lattice(q, k, v, beta, state, iters=fixed_point_iters, orthogonal=orthogonal)
-    elif backend == "torch":
-        o, final_state = chunk_lattice(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags)
-    else:
-        from lattice_plugin.kernels.triton_chunk import chunk_lattice_triton
-        from lattice_plugin.kernels.triton_compile import compile_once
+        return normalize_slots(s0.to(dtype)).unsqueeze(0).expand(q.shape[0], -1, -1, -1)
+    # a state to continue from is used as given, apart from the retraction of the normalised variants
+    return normalize_slots(initial_state.to(dtype)) if normalize else initial_state.to(dtype)
 
-        flags = dict(flags, gate_solver=gate_solver, fixed_point_iters=fixed_point_iters)
-        compile_once(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags)
-        o, final_state = chunk_lattice_triton(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags)
-    return o.to(q.dtype), (final_state if output_final_state else None)
+
+@torch.compiler.disable  # plain PyTorch loops over tokens or chunks: torch.compile would unroll them
+def _reference_lattice(q, k, v, beta, s0, initial_state, backend, *, gates, gate_solver, fixed_point_iters, **flags):
+    """The ``"recurrent"`` and ``"torch"`` backends of :func:`lattice_attention`: ``(o, final_state)``."""
+    dtype = compute_dtype(q.dtype)
+    state = _start_state(s0, initial_state, q, flags["normalize"])
+    chunk_size = flags.pop("chunk_size")
+    if backend == "recurrent":
+        return recurrent_lattice(q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), state, **flags)
+    if gate_solver == "fixed_point" and gates == "exact":
+        o, final_state, _ = fixed_point_lattice(
+            q, k, v, beta, state, iters=fixed_point_iters, orthogonal=flags["orthogonal"]
+        )
+        return o, final_state
+    return chunk_lattice(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags)
 
 
 @torch.compiler.disable

@@ -7,6 +7,7 @@ state too) are compared by relative error: 1e-4 for float32 inputs, 2e-2 for bfl
 
 import os
 import sys
+import warnings
 
 import pytest
 
@@ -180,6 +181,59 @@ def test_chunk_gates_reject_unaligned_chunk():
     q, k, v, beta, s0 = random_inputs(1, 4, 1, 1, 16, 16, per_batch_state=True)
     with pytest.raises(ValueError, match="multiple of 16"):
         chunk_lattice_triton(q, k, v, beta, s0, chunk_size=24, gates="chunk")
+
+
+@pytest.mark.parametrize(
+    "gates,orthogonal,normalize,solver",
+    [("exact", True, True, "scan"), ("exact", True, False, "scan"), ("chunk", True, True, "fixed_point")],
+)
+def test_custom_ops(gates, orthogonal, normalize, solver):
+    """The forward and backward ops pass torch.library's checks (schema, fake shapes against the real outputs,
+    autograd registration), and a fullgraph torch.compile of them gives eager's values and gradients: the layer
+    stays inside litgpt's compiled graph (ragged T, GQA, every saved-tensor layout)."""
+    q, k, v, beta, s0 = random_inputs(2, 21, 4, 2, 16, 24, per_batch_state=True)
+    s0 = normalize_slots(s0)  # as the layer hands it over
+    options = (16, gates == "exact", orthogonal, normalize, solver, 2)
+    inputs = [x.requires_grad_() for x in (q, k, v, beta, s0)]
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")  # compiled: the comparison below
+    torch.library.opcheck(triton_chunk._chunk_fwd_op, (*inputs, *options, True), test_utils=checks)
+    o, final, *saved = triton_chunk._chunk_fwd_op(*inputs, *options, True)
+    do, d_final = torch.randn_like(o), torch.randn_like(final)
+    plain = [x.detach() for x in (q, k, v, beta, final)]  # no double backward: the backward op has no formula
+    torch.library.opcheck(
+        triton_chunk._chunk_bwd_op, (do, d_final, *plain, [x.detach() for x in saved], *options), test_utils=checks
+    )
+
+    def loss(q, k, v, beta, s0):
+        o, final = chunk_lattice_triton(
+            q, k, v, beta, s0, chunk_size=16, gates=gates, orthogonal=orthogonal, normalize=normalize,
+            gate_solver=solver, fixed_point_iters=2,
+        )  # fmt: skip
+        return (o * do).sum() + (final * d_final).sum()
+
+    eager = torch.autograd.grad(loss(*inputs), inputs)
+    with torch._dynamo.config.patch(disable=False):  # `lattice pretrain` on a CPU, run in-process, sets it
+        compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(*inputs), inputs)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_parallel_build_runs_the_stages(monkeypatch):
+    """The first-use build, started inside the forward op (where autograd is off), warms up the forward and the
+    backward stages (run for real here: the interpreter's kernels are not compiled): no fallback warning, and the
+    combination is marked as built."""
+    import triton.experimental.gluon  # noqa: F401  (the interpreter imports it on first use: while it is on)
+    from lattice_plugin.kernels import triton_compile
+    from triton.runtime._async_compile import AsyncCompileMode  # noqa: F401
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # lets the build run; the kernels stay interpreted
+    monkeypatch.setattr(triton_compile, "_compiled", set())
+    q, k, v, beta, s0 = random_inputs(1, 20, 2, 1, 16, 8, per_batch_state=True)
+    inputs = [x.requires_grad_() for x in (q, k, v, beta, normalize_slots(s0))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chunk_lattice_triton(*inputs)[0].sum().backward()
+    assert len(triton_compile._compiled) == 1 and all(x.grad is not None for x in inputs)
 
 
 @pytest.mark.parametrize("orthogonal,normalize", [(True, True), (True, False), (False, True), (False, False)])
