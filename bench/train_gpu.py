@@ -4,7 +4,8 @@ compile time of a fresh shape, then ``lattice bench --train``.
 Run with a fresh ``TRITON_CACHE_DIR``; writes ``$OUT/train_gpu.json`` (checks, compile times; rewritten after
 every step) and the bench's ``$OUT/train_T<T>.json`` / ``.png``. ``SEQ_LENS`` (default 2048,8192,32768) are run
 one after another, each into its own ``train_T<T>.json``, a next one only if fewer than ``NEXT_IF_BEFORE_S``
-seconds have passed; ``DRY=1`` runs the checks only, on whatever device is there (the CPU interpreter included).
+seconds have passed; ``COMPILE=1`` runs every model under ``torch.compile`` (as ``litgpt pretrain`` does) into
+``train_T<T>_compiled.json``; ``DRY=1`` runs the checks only, on whatever device is there (the CPU interpreter included).
 """
 
 import json
@@ -20,6 +21,7 @@ from lattice_plugin.kernels.elementwise import CODE_MAPS, epilogue_reference, pr
 START = time.time()
 OUT = Path(os.environ.get("OUT", "/tmp/train-gpu"))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+COMPILED = os.environ.get("COMPILE") == "1"  # the models under torch.compile, as litgpt pretrain runs them
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 report: dict = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", torch=torch.__version__)
 
@@ -155,7 +157,9 @@ def measure_compile() -> None:
     for B, T, gates in ((8, 2048, "chunk"), (2, 8192, "exact"), (2, 8192, "chunk")):
         (q, k, v, beta, s0), _ = lattice_call(B, T, gates)
         state = s0.unsqueeze(0).expand(B, -1, -1, -1)  # as ops.lattice_attention hands it to the kernels
-        calls.append(((q, k, v, beta, state), dict(chunk_size=64, gates=gates, orthogonal=True, normalize=True)))
+        solver = "fixed_point" if gates == "chunk" else "scan"  # what gate_solver="auto" picks
+        options = (64, gates == "exact", True, True, solver, 4)  # as kernels/triton_chunk.py's _OPTIONS names them
+        calls.append(((q, k, v, beta, state), options))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compile_many(calls)
@@ -196,8 +200,9 @@ def main() -> int:
             tokens=16384,
             warmup=3 if T < 32768 else 2,
             steps=int(os.environ.get("STEPS", 5)),
-            name=f"train_T{T}",
+            name=f"train_T{T}" + ("_compiled" if COMPILED else ""),
             mixers=tuple(os.environ.get("MIXERS", ",".join(MIXERS)).split(",")),
+            compiled=COMPILED,
         )["model"]
     print(
         f"\n{'mixer':>14} {'T':>6} {'tokens/s':>10} {'peak GiB':>9} {'first step s':>12} {'step ms':>8} {'host ms':>8}"

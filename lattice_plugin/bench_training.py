@@ -5,7 +5,8 @@ Every row is the same 134M-parameter Llama-style shape (12 layers, 768 wide, 12 
 with only the token mixer changed; a step is bf16 autocast, forward + backward + fused AdamW over ``tokens`` tokens
 (``max(tokens, T)``: one sequence at least). Tokens/s come from CUDA-synchronised wall time over timed steps after
 warm-up steps (the first of which compiles the kernels: its time is reported too); peak memory is
-``torch.cuda.max_memory_allocated`` over the timed steps. The op-level table (``bench.bench_sequences``) and FLA's
+``torch.cuda.max_memory_allocated`` over the timed steps. With ``compiled`` every model runs under ``torch.compile``, as
+``litgpt pretrain`` runs it (the Lattice op itself stays outside the graph). The op-level table (``bench.bench_sequences``) and FLA's
 ``chunk_gated_delta_rule`` are measured in the same run. Results are rewritten after every measurement (a cut-off
 run keeps what it measured) and plotted at the end.
 """
@@ -109,17 +110,21 @@ def measure_training(
     warmup: int,
     steps: int,
     profile: bool = False,
+    compiled: bool = False,
     device: torch.device = torch.device("cuda"),
     **shape,
 ) -> dict:
     """Tokens/s and peak memory (CUDA only) of ``mixer``'s training step at sequence length ``T``. ``host_ms`` is
     the time the host takes to issue one step with the GPU idle: near ``step_ms``, the step waits on Python and
-    kernel launches (or on a host sync inside it), not on the GPU."""
+    kernel launches (or on a host sync inside it), not on the GPU. ``compiled``: the model wrapped in
+    ``torch.compile`` as ``litgpt pretrain`` wraps it (the first step then includes the compilation)."""
     from lattice_plugin.bench import _kernel_times
 
     B = max(1, tokens // T)
     torch.manual_seed(0)
     model = build_model(mixer, T, device, **shape)
+    if compiled:
+        model = torch.compile(model)
     step = training_step(model, B, T)
     started = time.perf_counter()
     step()
@@ -143,6 +148,7 @@ def measure_training(
         method=mixer,
         T=T,
         B=B,
+        compiled=compiled,
         tokens_per_step=B * T,
         steps=steps,
         step_ms=1000 * seconds / steps,
@@ -219,7 +225,8 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(seq_lens))], [f"T={T}" for T in seq_lens])
         ax.set_ylabel(label)
     ax1.legend(fontsize=7)
-    ax1.set_title("134M litgpt model, bf16 autocast training step")
+    compiled = " under torch.compile" if results.get("setup", {}).get("compiled") else ""
+    ax1.set_title(f"134M litgpt model, bf16 autocast training step{compiled}")
     fig.suptitle(results["device"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -237,9 +244,11 @@ def run_train_bench(
     ops: bool = True,
     rep_ms: int = 100,
     name: str = "train",
+    compiled: bool = False,
 ) -> dict:
     """Run the model-level rows (then the op-level ones) on the current CUDA device; write ``<name>.json`` after
-    every row and ``<name>.png`` at the end under ``out_dir``."""
+    every row and ``<name>.png`` at the end under ``out_dir``. ``compiled``: every model under ``torch.compile``, as
+    ``litgpt pretrain`` runs it."""
     if not torch.cuda.is_available():
         raise LatticeError("lattice bench --train needs a CUDA GPU")
     unknown = [m for m in mixers if m not in MIXERS]
@@ -274,6 +283,7 @@ def run_train_bench(
             warmup_steps=warmup,
             timed_steps=steps,
             step="bf16 autocast, forward + chunked cross-entropy + backward + fused AdamW (float32 weights)",
+            compiled=compiled,
             fla_autotune=f"each FLA autotuner limited to {FLA_AUTOTUNE_CONFIGS} configs (4/8 warps, 2/3 "
             "stages preferred)",
             op_timing="median of CUDA-event timings (triton.testing.do_bench)",
@@ -283,7 +293,13 @@ def run_train_bench(
         for mixer in mixers:
             try:
                 row = measure_training(
-                    mixer, T, tokens, warmup=warmup, steps=steps, profile=mixer in ("attention", "lattice_exact")
+                    mixer,
+                    T,
+                    tokens,
+                    warmup=warmup,
+                    steps=steps,
+                    profile=mixer in ("attention", "lattice_exact"),
+                    compiled=compiled,
                 )
             except Exception as error:  # an OOM or a peer's failure is a result to report, not a reason to stop
                 row = dict(method=mixer, T=T, error=f"{type(error).__name__}: {str(error).strip()[:300]}")

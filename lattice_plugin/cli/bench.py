@@ -24,6 +24,9 @@ def bench(
         help="with --train: comma-separated token mixers (fla_* need the fla extra and are skipped without it)",
     ),
     steps: int = typer.Option(5, help="with --train: timed steps per row (after 3 warm-up steps)"),
+    compile: bool = typer.Option(
+        False, "--compile", help="with --train: every model under torch.compile, as litgpt pretrain runs it"
+    ),
     model: bool = typer.Option(
         False,
         "--model",
@@ -75,6 +78,7 @@ def bench(
             steps=steps,
             name=name,
             mixers=tuple(m.strip() for m in mixers.split(",") if m.strip()),
+            compiled=compile,
         )
         for row in results["model"]:
             speed = (
