@@ -101,7 +101,9 @@ def test_few_iterations_match_the_reference_and_its_residual(iters):
     padded = [torch.cat([x, x.new_zeros(B, pad, *x.shape[2:])], dim=1) for x in (k, v, beta)]
     *_, res = matmul_gate_pass(*padded, state, chunk_size=64, exact=True, iters=iters, orthogonal=True, prec="ieee")
     assert rel_err(o, ro) < 1e-5 and rel_err(final, rf) < 1e-5
-    assert res_ref > 1e-7 and abs(res.item() - res_ref.item()) <= 1e-3 * res_ref.item() + 1e-7, (res, res_ref)
+    # the residual is a difference of two iterates of O(1) gates: float32 leaves it an absolute error of a few ulps
+    # of 1 (2.4e-7 seen on a 1.1e-4 residual), whatever its size
+    assert res_ref > 1e-7 and abs(res.item() - res_ref.item()) <= 1e-3 * res_ref.item() + 1e-6, (res, res_ref)
 
 
 def test_rejects_unnormalised_slots():

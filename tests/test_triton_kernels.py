@@ -189,8 +189,9 @@ def test_chunk_gates_reject_unaligned_chunk():
 )
 def test_custom_ops(gates, orthogonal, normalize, solver):
     """The forward and backward ops pass torch.library's checks (schema, fake shapes against the real outputs,
-    autograd registration), and a fullgraph torch.compile of them gives eager's values and gradients: the layer
-    stays inside litgpt's compiled graph (ragged T, GQA, every saved-tensor layout)."""
+    autograd registration), and a fullgraph torch.compile (through the ops) gives the eager path's values and
+    gradients (through EagerLatticeFunction): the layer stays inside litgpt's compiled graph (ragged T, GQA, every
+    saved-tensor layout)."""
     q, k, v, beta, s0 = random_inputs(2, 21, 4, 2, 16, 24, per_batch_state=True)
     s0 = normalize_slots(s0)  # as the layer hands it over
     options = (16, gates == "exact", orthogonal, normalize, solver, 2)
