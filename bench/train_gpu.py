@@ -5,7 +5,8 @@ Run with a fresh ``TRITON_CACHE_DIR``; writes ``$OUT/train_gpu.json`` (checks, c
 every step) and the bench's ``$OUT/train_T<T>.json`` / ``.png``. ``SEQ_LENS`` (default 2048,8192,32768) are run
 one after another, each into its own ``train_T<T>.json``, a next one only if fewer than ``NEXT_IF_BEFORE_S``
 seconds have passed; ``COMPILE=1`` runs every model under ``torch.compile`` (as ``litgpt pretrain`` does) into
-``train_T<T>_compiled.json``; ``DRY=1`` runs the checks only, on whatever device is there (the CPU interpreter included).
+``train_T<T>_compiled.json``; ``DRY=1`` runs the checks only, on whatever device is there (the CPU interpreter
+included).
 """
 
 import json

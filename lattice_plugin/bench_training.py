@@ -5,9 +5,9 @@ Every row is the same 134M-parameter Llama-style shape (12 layers, 768 wide, 12 
 with only the token mixer changed; a step is bf16 autocast, forward + backward + fused AdamW over ``tokens`` tokens
 (``max(tokens, T)``: one sequence at least). Tokens/s come from CUDA-synchronised wall time over timed steps after
 warm-up steps (the first of which compiles the kernels: its time is reported too); peak memory is
-``torch.cuda.max_memory_allocated`` over the timed steps. With ``compiled`` every model runs under ``torch.compile``, as
-``litgpt pretrain`` runs it (the Lattice op itself stays outside the graph). The op-level table (``bench.bench_sequences``) and FLA's
-``chunk_gated_delta_rule`` are measured in the same run. Results are rewritten after every measurement (a cut-off
+``torch.cuda.max_memory_allocated`` over the timed steps. With ``compiled`` every model runs under
+``torch.compile``, as ``litgpt pretrain`` runs it (the Lattice kernels as custom ops inside the graph). The op-level
+table (``bench.bench_sequences``) and FLA's ``chunk_gated_delta_rule`` are measured in the same run. Results are rewritten after every measurement (a cut-off
 run keeps what it measured) and plotted at the end.
 """
 

@@ -172,17 +172,30 @@ def _start_state(s0: torch.Tensor, initial_state: torch.Tensor | None, q: torch.
 
 
 @torch.compiler.disable  # plain PyTorch loops over tokens or chunks: torch.compile would unroll them
-def _reference_lattice(q, k, v, beta, s0, initial_state, backend, *, gates, gate_solver, fixed_point_iters, **flags):
+def _reference_lattice(
+    q,
+    k,
+    v,
+    beta,
+    s0,
+    initial_state,
+    backend,
+    *,
+    gates,
+    orthogonal,
+    normalize,
+    chunk_size,
+    gate_solver,
+    fixed_point_iters,
+):
     """The ``"recurrent"`` and ``"torch"`` backends of :func:`lattice_attention`: ``(o, final_state)``."""
     dtype = compute_dtype(q.dtype)
-    state = _start_state(s0, initial_state, q, flags["normalize"])
-    chunk_size = flags.pop("chunk_size")
+    state = _start_state(s0, initial_state, q, normalize)
+    flags = dict(orthogonal=orthogonal, normalize=normalize)
     if backend == "recurrent":
         return recurrent_lattice(q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), state, **flags)
     if gate_solver == "fixed_point" and gates == "exact":
-        o, final_state, _ = fixed_point_lattice(
-            q, k, v, beta, state, iters=fixed_point_iters, orthogonal=flags["orthogonal"]
-        )
+        o, final_state, _ = fixed_point_lattice(q, k, v, beta, state, iters=fixed_point_iters, orthogonal=orthogonal)
         return o, final_state
     return chunk_lattice(q, k, v, beta, state, chunk_size=chunk_size, gates=gates, **flags)
 
