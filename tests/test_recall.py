@@ -27,7 +27,7 @@ from lattice_plugin.recall.mixers import (
     check_causal,
     parse_mixers,
 )
-from lattice_plugin.recall.mqar import MQARSettings, markdown, run_mqar, summarize
+from lattice_plugin.recall.mqar import MQARSettings, main_lengths, markdown, run_mqar, summarize
 from lattice_plugin.recall.task import FILLER, IGNORE, check_mqar, mqar_batch
 from lattice_plugin.recall.training import Schedule, train
 
@@ -202,6 +202,15 @@ def test_summary_takes_the_best_lr_and_marks_settings_where_attention_fails_inva
     text = markdown(summary, ["cpu"])
     assert "0.700 @ lr 0.01 |" in text and "(invalid)" in text and "not measured" in text
     assert "K=4, T=64, 99 steps" in text and "0.990 @ lr 0.001 (no attention row)" in text  # its own column
+
+
+def test_the_plot_keeps_each_k_at_the_length_most_rows_share():
+    def entry(mixer, K, T):
+        return dict(mixer=mixer, setting=dict(K=K, T=T, steps=10), accuracy=0.5)
+
+    best = [entry(name, 16, 256) for name in ("attention", "gla", "deltanet")]
+    best += [entry(name, 16, 64) for name in ("attention", "gla")] + [entry("attention", 128, 512)]
+    assert main_lengths(best) == {16: 256, 128: 512}  # the short-distance column stays out of the K plot
 
 
 def test_lm_rows_report_heldout_perplexity_and_speed(tiny_corpus, tmp_path):

@@ -400,9 +400,20 @@ def markdown(summary: dict[str, Any], devices: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def main_lengths(best: list[dict[str, Any]]) -> dict[int, int]:
+    """The sequence length most summary entries share at each K: the one the plot shows (a column at another length,
+    e.g. a short-distance diagnostic, stays in the markdown table only)."""
+    counts: dict[int, dict[int, int]] = {}
+    for b in best:
+        by_length = counts.setdefault(b["setting"]["K"], {})
+        by_length[b["setting"]["T"]] = by_length.get(b["setting"]["T"], 0) + 1
+    return {K: max(by_length, key=lambda T: (by_length[T], T)) for K, by_length in counts.items()}
+
+
 def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     """Accuracy vs K per mixer (at m = 64 where measured), and accuracy vs m per K for the Lattice variants, for the
-    settings most rows share (the markdown table shows every setting, and the settings where every lr diverged)."""
+    settings most rows share, at each K's :func:`main_lengths` (the markdown table shows every setting, and the
+    settings where every lr diverged)."""
     plt = pyplot()
     if plt is None or not summary["best"]:
         return
@@ -410,6 +421,8 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     main = max(set(families), key=families.count)  # the settings most rows share (steps, batch, ...), K aside
     converged = [b["lr"] not in b.get("diverged_lrs", []) for b in summary["best"]]  # every lr diverged: no point
     best = [b for b, family, ok in zip(summary["best"], families, converged) if family == main and ok]
+    lengths = main_lengths(best)
+    best = [b for b in best if b["setting"]["T"] == lengths[b["setting"]["K"]]]
     ms = [b["m"] for b in best if b["m"] is not None]
     main_m = DEFAULT_SLOTS if DEFAULT_SLOTS in ms else (max(set(ms), key=ms.count) if ms else None)
     figure, (by_k, by_m) = plt.subplots(1, 2, figsize=(12, 4.5))
