@@ -6,6 +6,9 @@
 #   PART=mqar    MIXERS=... PAIRS=16,32,64,128 SLOTS=64 LRS=3e-4,1e-3,3e-3,1e-2 STEPS=6000 [STOP_AT=0.99]
 #                (accuracy vs K)
 #   PART=slots   same rows file, default MIXERS=lattice_exact SLOTS=16,32,64,128 (m = 64 rows are reused) (vs m)
+#   PART=grids   GRIDS="N ARGS; N ARGS; ...": several MQAR grids side by side into the same rows file, N processes
+#                each; ARGS are `lattice recall mqar` options (--mixers, --pairs, --slots, --lrs, --seq-len, ...) and
+#                STEPS, STOP_AT, BUDGET_S apply to every grid
 #   PART=lm      MIXERS=... TOKENS=3276800                                     (perplexity and tokens/s per mixer)
 #   PART=passkey  corpus with PASSKEY_DOCS answered pass-key documents (default 8000) -> teacher-small (pretrain) ->
 #                convert -> distill small -> lattice_passkey at and beyond 256 tokens
@@ -45,6 +48,25 @@ mqar_sharded() {  # mqar_sharded NAME: PARALLEL shards into $OUT/NAME.json, then
   rm -f "$OUT/$1.json.lock"
   pack
 }
+grids() {  # every grid of GRIDS at once, its N shards each, into $OUT/mqar.json; then the summary of all rows
+  local grid n args i g=0 pids=()
+  while IFS= read -r grid; do
+    read -r n args <<< "$grid"
+    [ -n "${n:-}" ] || continue
+    log "== grid $g: $n shards of: $L recall mqar $args (steps ${STEPS:-6000}, budget $BUDGET_S s)"
+    for ((i = 0; i < n; i++)); do
+      timeout 580 $L recall mqar $args --steps "${STEPS:-6000}" ${STOP_AT:+--stop-at $STOP_AT} --budget-s "$BUDGET_S" \
+        --results "$OUT/mqar.json" --shard "$i/$n" ${EXTRA:-} > "$W/reports/mqar-grid$g-shard$i.log" 2>&1 &
+      pids+=($!)
+    done
+    g=$((g + 1))
+  done <<< "$(tr ';' '\n' <<< "$GRIDS")"
+  for i in "${!pids[@]}"; do wait "${pids[$i]}"; done
+  for f in "$W"/reports/mqar-grid*.log; do log "   ${f##*/}: $(grep -c 'row done' "$f") rows"; tail -n 3 "$f" >> "$LOG"; done
+  $L recall mqar --mixers attention --pairs 1 --seq-len 4 --budget-s 0 --results "$OUT/mqar.json" > /dev/null  # summary
+  rm -f "$OUT/mqar.json.lock"
+  pack
+}
 mqar_args() {
   echo --mixers "$MIXERS" --pairs "${PAIRS:-16,32,64,128}" --slots "$SLOTS" --lrs "${LRS:-3e-4,1e-3,3e-3,1e-2}" \
     --steps "${STEPS:-6000}" --budget-s "$BUDGET_S" ${STOP_AT:+--stop-at $STOP_AT} ${EXTRA:-}
@@ -59,6 +81,10 @@ case "$PART" in
     MIXERS=${MIXERS:-lattice_exact} SLOTS=${SLOTS:-16,32,64,128}
     resume mqar
     mqar_sharded mqar
+    cat "$OUT/mqar.md" ;;
+  grids)
+    resume mqar
+    grids
     cat "$OUT/mqar.md" ;;
   lm)
     resume lm
@@ -87,6 +113,6 @@ case "$PART" in
   checks)
     step checks 300 env OUT="$OUT" MIXERS="${MIXERS:-all}" python3 bench/fla_peer_check.py
     cat "$W/reports/checks.log" ;;
-  *) log "unknown PART=$PART (mqar, slots, lm, passkey, checks)"; exit 2 ;;
+  *) log "unknown PART=$PART (mqar, slots, grids, lm, passkey, checks)"; exit 2 ;;
 esac
 log "done"
