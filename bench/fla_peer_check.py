@@ -1,4 +1,4 @@
-"""Are the FLA peers' numbers in `lattice recall` measurements of the peers? One GPU call, seconds (issue 17).
+"""Are the FLA peers' numbers in `lattice recall` measurements of the peers? One GPU call of its own (issue 17).
 
 1. The causality check of every mixer's fresh model at the LM and MQAR shapes (``causality_table``, the check every
    recall row now runs first; the FLA rows that predate it get it here).
