@@ -34,23 +34,9 @@ resume() {  # resume NAME: the committed rows of NAME.json become the starting p
   return 0
 }
 PARALLEL=${PARALLEL:-4}  # MQAR rows are small: this many processes share the GPU (--shard), each its own rows
-mqar_sharded() {  # mqar_sharded NAME: PARALLEL shards into $OUT/NAME.json, then the summary of all rows
-  local i pids=()
-  log "== $1: $PARALLEL shards of: $L recall mqar $(mqar_args) --results $OUT/$1.json"
-  for ((i = 0; i < PARALLEL; i++)); do
-    timeout 580 $L recall mqar $(mqar_args) --results "$OUT/$1.json" --shard "$i/$PARALLEL" \
-      > "$W/reports/$1-shard$i.log" 2>&1 &
-    pids+=($!)
-  done
-  for i in "${!pids[@]}"; do
-    wait "${pids[$i]}"; log "   shard $i: exit $?"; tail -n 5 "$W/reports/$1-shard$i.log" >> "$LOG"
-  done
-  $L recall mqar $(mqar_args) --budget-s 0 --results "$OUT/$1.json" > /dev/null  # summary of every row (runs none)
-  rm -f "$OUT/$1.json.lock"
-  pack
-}
-grids() {  # every grid of GRIDS at once, its N shards each, into $OUT/mqar.json; then the summary of all rows
+grids() {  # every grid of GRIDS ("N ARGS; ...") at once, N shards each, into $OUT/mqar.json; then the summary of all rows
   local grid n args i g=0 pids=()
+  [ -n "${GRIDS:-}" ] || { log "PART=grids needs GRIDS=\"N ARGS; N ARGS; ...\""; exit 2; }
   while IFS= read -r grid; do
     read -r n args <<< "$grid"
     [ -n "${n:-}" ] || continue
@@ -68,20 +54,19 @@ grids() {  # every grid of GRIDS at once, its N shards each, into $OUT/mqar.json
   rm -f "$OUT/mqar.json.lock"
   pack
 }
-mqar_args() {
-  echo --mixers "$MIXERS" --pairs "${PAIRS:-16,32,64,128}" --slots "$SLOTS" --lrs "${LRS:-3e-4,1e-3,3e-3,1e-2}" \
-    --steps "${STEPS:-6000}" --budget-s "$BUDGET_S" ${STOP_AT:+--stop-at $STOP_AT} ${EXTRA:-}
+one_grid() {  # the grid of PART=mqar and PART=slots: PARALLEL shards over MIXERS x PAIRS x SLOTS x LRS
+  echo "$PARALLEL" --mixers "$MIXERS" --pairs "${PAIRS:-16,32,64,128}" --slots "$SLOTS" --lrs "${LRS:-3e-4,1e-3,3e-3,1e-2}"
 }
 case "$PART" in
   mqar)
     MIXERS=${MIXERS:-all} SLOTS=${SLOTS:-64}
     resume mqar
-    mqar_sharded mqar
+    GRIDS=$(one_grid) grids
     cat "$OUT/mqar.md" ;;
   slots)
     MIXERS=${MIXERS:-lattice_exact} SLOTS=${SLOTS:-16,32,64,128}
     resume mqar
-    mqar_sharded mqar
+    GRIDS=$(one_grid) grids
     cat "$OUT/mqar.md" ;;
   grids)
     resume mqar
