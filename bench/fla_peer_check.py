@@ -9,11 +9,16 @@
    miscompiled Hopper kernel of Gated DeltaNet (its #640); this checks that the two layers it lets run are right.
 
     OUT=dir python bench/fla_peer_check.py          (writes dir/fla_peer_check.json and prints it)
+
+The report is rewritten after every entry, each with the seconds it took, so a call that runs out of time still
+returns what was checked and shows where the time went.
 """
 
 import importlib.util
 import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,14 +41,13 @@ def train_gpu_compare():
     return module.compare
 
 
-def kernel_checks() -> list[dict]:
+def kernel_checks() -> Iterator[dict]:
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.delta_rule.naive import delta_rule_recurrence
     from fla.ops.gla import chunk_gla
     from fla.ops.gla.naive import naive_recurrent_gla
 
     compare = train_gpu_compare()  # fn(*inputs, dtype); FLA's references compute in float32 whatever they get
-    rows = []
     for B, T, H in ((4, 256, 2), (2, 256, 8), (1, 2048, 2)):
         K = 64  # key and value size per head, as in the recall models
         torch.manual_seed(0)
@@ -52,13 +56,17 @@ def kernel_checks() -> list[dict]:
         qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)  # DeltaNet's layer L2-normalises q and k
         beta = torch.rand(B, T, H)
         for dtype in (torch.bfloat16, torch.float32):
+            started = time.perf_counter()
             gla = compare(
                 lambda q, k, v, g, _: chunk_gla(q, k, v, g)[0],
                 lambda q, k, v, g, _: naive_recurrent_gla(q, k, v, g)[0],
                 [q, k, v, g],
                 dtype,
             )
-            rows.append(dict(kernel="chunk_gla", B=B, T=T, H=H, dtype=str(dtype), inputs="q k v g", **gla))
+            yield dict(
+                kernel="chunk_gla", B=B, T=T, H=H, dtype=str(dtype), inputs="q k v g", **gla, seconds=seconds(started)
+            )
+            started = time.perf_counter()
             delta = compare(
                 lambda q, k, v, b, _: chunk_delta_rule(q, k, v, b)[0],
                 lambda q, k, v, b, _: delta_rule_recurrence(
@@ -67,26 +75,50 @@ def kernel_checks() -> list[dict]:
                 [qn, kn, v, beta],
                 dtype,
             )
-            rows.append(dict(kernel="chunk_delta_rule", B=B, T=T, H=H, dtype=str(dtype), inputs="q k v beta", **delta))
-    return rows
+            yield dict(
+                kernel="chunk_delta_rule",
+                B=B,
+                T=T,
+                H=H,
+                dtype=str(dtype),
+                inputs="q k v beta",
+                **delta,
+                seconds=seconds(started),
+            )
+
+
+def seconds(started: float) -> float:
+    return round(time.perf_counter() - started, 1)
+
+
+def save(report: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "fla_peer_check.json.tmp").write_text(json.dumps(report, indent=1))
+    os.replace(OUT / "fla_peer_check.json.tmp", OUT / "fla_peer_check.json")
 
 
 def main() -> None:
     report: dict = dict(
-        device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu", torch=torch.__version__
+        device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu", torch=torch.__version__, causality=[]
     )
     shapes = {"lm": LMSettings().shape(), "mqar K=64 m=64": MQARSettings().shape(64, 64)}
-    report["causality"] = causality_table(parse_mixers(os.environ.get("MIXERS", "all")), shapes, DEVICE)
+    for mixer in parse_mixers(os.environ.get("MIXERS", "all")):
+        started = time.perf_counter()
+        entries = causality_table([mixer], shapes, DEVICE)
+        report["causality"] += [dict(entry, seconds=seconds(started)) for entry in entries]
+        save(report)
+        print(json.dumps(entries), f"{seconds(started)} s", flush=True)
     try:
         import triton
 
-        report["triton"] = triton.__version__
-        report["kernels"] = kernel_checks()
+        report["triton"], report["kernels"] = triton.__version__, []
+        for row in kernel_checks():
+            report["kernels"].append(row)
+            save(report)
+            print(json.dumps(row), flush=True)
     except ImportError as error:
         report["kernels"] = f"not run: {error}"
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "fla_peer_check.json.tmp").write_text(json.dumps(report, indent=1))
-    os.replace(OUT / "fla_peer_check.json.tmp", OUT / "fla_peer_check.json")
+    save(report)
     print(json.dumps(report, indent=1))
 
 

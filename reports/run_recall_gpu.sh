@@ -8,7 +8,7 @@
 #   PART=slots   same rows file, default MIXERS=lattice_exact SLOTS=16,32,64,128 (m = 64 rows are reused) (vs m)
 #   PART=grids   GRIDS="N ARGS; N ARGS; ...": several MQAR grids side by side into the same rows file, N processes
 #                each; ARGS are `lattice recall mqar` options (--mixers, --pairs, --slots, --lrs, --seq-len, ...) and
-#                STEPS, STOP_AT, BUDGET_S apply to every grid
+#                STEPS, STOP_AT, BUDGET_S apply to every grid (a grid's own --steps or --stop-at wins)
 #   PART=lm      MIXERS=... TOKENS=3276800                                     (perplexity and tokens/s per mixer)
 #   PART=passkey  corpus with PASSKEY_DOCS answered pass-key documents (default 8000) -> teacher-small (pretrain) ->
 #                convert -> distill small -> lattice_passkey at and beyond 256 tokens
@@ -42,7 +42,7 @@ grids() {  # every grid of GRIDS ("N ARGS; ...") at once, N shards each, into $O
     [ -n "${n:-}" ] || continue
     log "== grid $g: $n shards of: $L recall mqar $args (steps ${STEPS:-6000}, budget $BUDGET_S s)"
     for ((i = 0; i < n; i++)); do
-      timeout 580 $L recall mqar $args --steps "${STEPS:-6000}" ${STOP_AT:+--stop-at $STOP_AT} --budget-s "$BUDGET_S" \
+      timeout 580 $L recall mqar --steps "${STEPS:-6000}" ${STOP_AT:+--stop-at $STOP_AT} $args --budget-s "$BUDGET_S" \
         --results "$OUT/mqar.json" --shard "$i/$n" ${EXTRA:-} > "$W/reports/mqar-grid$g-shard$i.log" 2>&1 &
       pids+=($!)
     done
