@@ -20,9 +20,10 @@
 # MQAR runs PARALLEL=4 processes on the one GPU (disjoint rows, one results file); their accuracy is unaffected, their
 # tokens/s are not speed measurements (`lattice recall lm` runs alone and gives those).
 # FLA's layers (gla, deltanet, gated_deltanet) run when .whl holds the fla_core and flash_linear_attention wheels.
+# INSTALL=0 installs nothing (parts run side by side after one install, each with its own OUT and WORK).
 [ -d .whl ] || { [ -d ../../.whl ] && ln -s ../../.whl .whl; }  # run from a worktree in .wt/NAME of the checkout
 source "$(dirname "$0")/gpu_common.sh"
-if [ -d .whl ] && ls .whl/flash_linear_attention-*.whl > /dev/null 2>&1; then
+if [ "${INSTALL:-1}" = 1 ] && [ -d .whl ] && ls .whl/flash_linear_attention-*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     .whl/fla_core-*.whl .whl/flash_linear_attention-*.whl || log "fla wheels did not install: FLA rows are skipped"
 fi
