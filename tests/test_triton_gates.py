@@ -69,6 +69,30 @@ def test_frozen_gates_additive_write():
     check(errors, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_gates_that_grow_the_slots(dtype):
+    """Frozen gates let a slot grow inside a chunk (docs/math.md §4): values that overlap slot 0 by ``c = -0.5``,
+    written into it with ``beta k = 0.9``, grow it over a thousandfold by the chunk's end. The kernels must still
+    equal the float64 reference there: the non-finite MQAR losses of frozen gates in bf16 on an H100 raised the
+    question whether the Triton path, rather than frozen gates themselves, fails under such growth."""
+    B, T, Hq, H, m, d = 1, 70, 2, 1, 16, 20
+    q, _, _, _, s0 = random_inputs(B, T, Hq, H, m, d, per_batch_state=True)
+    q = 0.1 * q
+    q[..., 0] = 1.0  # the outputs read slot 0 (its norm, give or take 10%)
+    u = normalize_slots(s0)[..., 0].unsqueeze(1)  # (B, 1, H, d): slot 0's direction
+    w = torch.randn(B, T, H, d)
+    w = torch.nn.functional.normalize(w - (w * u).sum(-1, keepdim=True) * u, dim=-1)
+    v = -0.5 * u + 0.75**0.5 * w
+    k = torch.zeros(B, T, H, m)
+    k[..., 0] = 1.0
+    beta = torch.full((B, T, H), 0.9)
+    reference = lambda *x: chunk_lattice(*x, chunk_size=64, gates="chunk")  # noqa: E731
+    o = reference(*(x.double() for x in (q, k, v, beta, normalize_slots(s0))))[0]
+    assert o.norm(dim=-1).max() > 1000  # the case does grow the slot
+    errors = compare(dtype, (B, T, Hq, H, m, d), gates="chunk", reference=reference, inputs=(q, k, v, beta, s0))
+    check(errors, dtype)
+
+
 @pytest.mark.parametrize("orthogonal", [True, False])
 @pytest.mark.parametrize("shape", [(1, 21, 1, 1, 16, 16), (2, 70, 2, 1, 12, 20), (1, 17, 1, 1, 48, 80)])
 def test_converged_fixed_point_is_exact(shape, orthogonal):
