@@ -412,8 +412,8 @@ def main_lengths(best: list[dict[str, Any]]) -> dict[int, int]:
 
 def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     """Accuracy vs K per mixer (at m = 64 where measured), and accuracy vs m per K for the Lattice variants, for the
-    settings most rows share, at each K's :func:`main_lengths` (the markdown table shows every setting, and the
-    settings where every lr diverged)."""
+    settings and mixer options most rows share, at each K's :func:`main_lengths` (the markdown table shows every
+    setting and option, and the settings where every lr diverged)."""
     plt = pyplot()
     if plt is None or not summary["best"]:
         return
@@ -421,6 +421,8 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     main = max(set(families), key=families.count)  # the settings most rows share (steps, batch, ...), K aside
     converged = [b["lr"] not in b.get("diverged_lrs", []) for b in summary["best"]]  # every lr diverged: no point
     best = [b for b, family, ok in zip(summary["best"], families, converged) if family == main and ok]
+    options = [_line(b)[2:] for b in best]  # a mixer's options besides m (e.g. the Lattice backend of a diagnostic)
+    best = [b for b, option in zip(best, options) if option == max(set(options), key=options.count)]
     lengths = main_lengths(best)
     best = [b for b in best if b["setting"]["T"] == lengths[b["setting"]["K"]]]
     ms = [b["m"] for b in best if b["m"] is not None]
