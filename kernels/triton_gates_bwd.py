@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import BC, _gate_grads, _gates, _pow2
+from .triton_common import BC, _gate_grads, _gates, _log_gates, _pow2, _signed_exp
 from .triton_gates_fwd import GATE_WARPS, _slot_block
 
 
@@ -117,12 +117,12 @@ def _frozen_reverse_kernel(
             c = tl.load(c_in + tile, mask=tm_mask, other=0.0)
             vv = tl.sum(V * V, 1)[:, None]
             a, b, _ = _gates(c, gamma, vv, ones, ORTHOGONAL, True)
-            la = tl.log(a)
-            g = tl.cumsum(la, 0)
-            g_end = tl.sum(la, 0)
-            eg = tl.exp(g)
-            db = tl.exp(g_end[None, :] - g) * tl.dot(V, gS, input_precision=PREC)
-            gS = gS * tl.exp(g_end)[None, :]
+            la, neg = _log_gates(a)  # signed log-gates, as in the forward pass (triton_gates_fwd._log_cumsum)
+            g, n = tl.cumsum(la, 0), tl.cumsum(neg, 0)
+            g_end, n_end = tl.sum(la, 0), tl.sum(neg, 0)
+            eg = _signed_exp(g, n)
+            db = _signed_exp(g_end[None, :] - g, n_end[None, :] - n) * tl.dot(V, gS, input_precision=PREC)
+            gS = gS * _signed_exp(g_end, n_end)[None, :]
             intra = tl.zeros([BCC, BM], dtype=tl.float32)
             for gq in tl.static_range(G):
                 qrows = qtok0 + gq + (t0 + o_t).to(tl.int64) * HQ

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import _gates, _pow2, _sm_count
+from .triton_common import _gates, _log_gates, _pow2, _signed_exp, _sm_count
 
 FP_SUB = 16  # tokens per fixed-point sub-chunk (tl.dot needs >= 16; docs/math.md §4b measured its convergence)
 BT_FROZEN = 64  # most tokens per step of the frozen-gate pass
@@ -32,9 +32,11 @@ GATE_WARPS = 4
 
 @triton.jit
 def _log_cumsum(a):
-    """``log a`` and its running sum along the tokens (axis 0): the cumulative log-gates."""
-    la = tl.log(a)
-    return la, tl.cumsum(la, 0)
+    """``log |a|``, the count of negative gates (0 or 1), and their running sums along the tokens (axis 0): the
+    cumulative log-gates and their signs. Gates are positive while ``|beta k| ||v|| < 1``; 16-bit inputs can round
+    onto or past that bound (beta and k to 1, ||v|| above 1), and the products keep their sign as the reference's do."""
+    la, neg = _log_gates(a)
+    return la, neg, tl.cumsum(la, 0), tl.cumsum(neg, 0)
 
 
 @triton.jit
@@ -122,16 +124,17 @@ def _matmul_gates_kernel(
             G = tl.where(strict, tl.dot(V, tl.trans(V), input_precision=PREC), 0.0)
             for it in tl.static_range(ITERS):
                 a, b, _ = _gates(c, gamma, vv, ns, ORTHOGONAL, True)
-                la, g = _log_cumsum(a)
-                c_next = tl.exp(g - la) * (P + tl.dot(G, b * tl.exp(-g), input_precision=PREC))
+                la, neg, g, n = _log_cumsum(a)
+                c_next = _signed_exp(g - la, n - neg) * (P + tl.dot(G, b * _signed_exp(-g, n), input_precision=PREC))
                 if it == ITERS - 1:
                     residual = tl.maximum(residual, tl.max(tl.abs(c_next - c), 0))
                 c = c_next
         tl.store(c_out + rows[:, None] * M + o_m[None, :], c, mask=tm_mask)
         a, b, _ = _gates(c, gamma, vv, ns, ORTHOGONAL, True)
-        la, g = _log_cumsum(a)
-        g_end = tl.sum(la, 0)
-        S = S * tl.exp(g_end)[None, :] + tl.dot(tl.trans(V), b * tl.exp(g_end[None, :] - g), input_precision=PREC)
+        la, neg, g, n = _log_cumsum(a)
+        g_end, n_end = tl.sum(la, 0), tl.sum(neg, 0)
+        B_end = b * _signed_exp(g_end[None, :] - g, n_end[None, :] - n)
+        S = S * _signed_exp(g_end, n_end)[None, :] + tl.dot(tl.trans(V), B_end, input_precision=PREC)
         t0 += BT
     norm = tl.maximum(tl.sqrt(tl.sum(S * S, 0)), 1e-12)
     tl.store(norms + (i_bh.to(tl.int64) * NC + NC - 1) * M + o_m, norm, mask=m_mask)
