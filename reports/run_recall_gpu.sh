@@ -13,8 +13,8 @@
 #   PART=passkey  corpus with PASSKEY_DOCS answered pass-key documents (default 8000) -> teacher-small (pretrain) ->
 #                convert -> distill small -> lattice_passkey at and beyond 256 tokens
 #   PART=checks  bench/fla_peer_check.py: every mixer's causality at the LM and MQAR shapes, FLA's GLA and DeltaNet
-#                kernels against FLA's own recurrences -> fla_peer_check.json (its own call: it ran past 300 s beside
-#                13 MQAR processes, and past 120 s alone with MIXERS=gla,deltanet; its length is not yet measured)
+#                kernels against FLA's own recurrences -> fla_peer_check.json, saved after every entry (its own call:
+#                beside 14 MQAR processes its 540 s covered six of the eight mixers' causality entries, no kernel check)
 # Run it with the device tool from the repository root (carry .whl):  OUT=$OUT PART=mqar bash reports/run_recall_gpu.sh
 # EXTRA="..." adds flags to the recall command (e.g. a CPU rehearsal: EXTRA="--device cpu --vocab-size 64 ...").
 # MQAR runs PARALLEL=4 processes on the one GPU (disjoint rows, one results file); their accuracy is unaffected, their
