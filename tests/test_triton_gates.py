@@ -14,7 +14,6 @@ from test_triton_kernels import check, random_inputs, rel_err  # first: it switc
 import pytest
 import torch
 from lattice_plugin.kernels.chunk import chunk_lattice
-from lattice_plugin.kernels.elementwise import prologue_reference
 from lattice_plugin.kernels.fixed_point import fixed_point_lattice
 from lattice_plugin.kernels.gates import normalize_slots
 from lattice_plugin.kernels.recurrent import recurrent_lattice
@@ -96,24 +95,24 @@ def test_frozen_gates_that_grow_the_slots(dtype):
 
 @pytest.mark.parametrize("gates", ["chunk", "exact"])
 def test_gates_past_zero_from_rounded_inputs(gates):
-    """bf16 rounds a saturated beta and code to exactly 1 and a unit value to a norm above 1, so a value along a
-    slot gives ``beta k c > 1``: a (slightly) negative forget gate. The reference keeps its sign; the matmul gate
-    passes took ``log a`` of it and returned a non-finite state and gradients (the non-finite lattice_chunk MQAR
+    """bf16 rounds a saturated beta and code to exactly 1 and a unit value to a norm up to ~0.2% above 1, so a value
+    along a slot gives ``beta k c > 1``: a slightly negative forget gate. The reference keeps its sign; the matmul
+    gate passes took ``log a`` of it and returned a non-finite state and gradients (the non-finite lattice_chunk MQAR
     rows on an H100, where the PyTorch backend stayed finite). They must equal the reference there."""
     B, T, Hq, H, m, d = 1, 64, 1, 1, 16, 16
-    q, _, _, _, s0 = random_inputs(B, T, Hq, H, m, d, per_batch_state=True)
-    k_logits = torch.full((B, T, H, m), -20.0)
-    k_logits[..., 0] = 20.0  # every token writes slot 0 with k = 1
-    v = torch.randn(B, T, H, d)
-    v[:, ::8] = normalize_slots(s0)[..., 0].unsqueeze(1) + 1e-3 * torch.randn(B, T // 8, H, d)  # along slot 0
-    q, k, v, beta = prologue_reference(q, k_logits, v, torch.full((B, T, H), 8.0), "softmax", torch.bfloat16)
-    c = (v.float() * normalize_slots(s0)[..., 0].unsqueeze(1)).sum(-1)
-    assert (beta.float() * k.float()[..., 0] * c).max() > 1  # some gate 1 - beta k c (over its norm) is negative
-    inputs = (q.float(), k.float(), v.float(), beta.float(), s0)  # bf16 values: compare's casts are exact
+    q, _, v, _, s0 = random_inputs(B, T, Hq, H, m, d, per_batch_state=True)
+    k = torch.zeros(B, T, H, m)
+    k[..., 0] = 1.0  # every token writes slot 0
+    beta = torch.full((B, T, H), 0.5)
+    beta[:, ::8] = 1.0  # as rounded from a saturated sigmoid
+    v[:, ::8] = 1.002 * normalize_slots(s0)[..., 0].unsqueeze(1)  # along slot 0: gates near 1 - 1.002 < 0
+    inputs = (q, k, v, beta, s0)
     reference = lambda *x: chunk_lattice(*x, chunk_size=64, gates="chunk")  # noqa: E731
     if gates == "exact":
         reference = recurrent_lattice
-    check(compare(torch.bfloat16, (B, T, Hq, H, m, d), gates=gates, reference=reference, inputs=inputs), torch.bfloat16)
+    errors = compare(torch.float32, (B, T, Hq, H, m, d), gates=gates, reference=reference, inputs=inputs)
+    # gradients through a gate of -0.002 scale float32 rounding by 1 / |a|: up to 7e-4 seen in 40 draws, not 1e-4
+    assert all(e <= 3e-3 for e in errors.values()), errors  # NaN fails too
 
 
 @pytest.mark.parametrize("orthogonal", [True, False])
