@@ -8,14 +8,19 @@ iterations and exact everywhere after as many iterations as the sub-chunk has to
 converges geometrically long before. Given the gates, the sub-chunk is plain gated linear attention
 (:func:`chunk.gated_chunk`). Gradients come from autograd through the unrolled iterations.
 
-Only the normalised variants (``normalize=True``) are covered: their forget gates stay positive when
-``|beta k| ||v|| < 1``, which the cumulative log-gates need.
+Only the normalised variants (``normalize=True``) are covered (the gate formulas assume unit slots). Their forget
+gates are positive while ``|beta k| ||v|| < 1``; a gate that rounding pushes below 0 keeps its sign in the products.
 """
 
 import torch
 
 from .chunk import gated_chunk
 from .gates import normalize_slots, slot_gates
+
+
+def _sign(negatives: torch.Tensor) -> torch.Tensor:
+    """-1 for an odd count of negative gates, else 1."""
+    return 1 - 2 * (negatives % 2)
 
 
 def fixed_point_gates(
@@ -33,12 +38,14 @@ def fixed_point_gates(
     c, residual = P, torch.zeros((), dtype=P.dtype, device=P.device)
     for _ in range(iters):
         a, b, _ = slot_gates(c, gamma, vv, one, orthogonal=orthogonal, normalize=True)
-        log_a = torch.log(a)
-        log_L = torch.cumsum(log_a, dim=2)
-        log_L_prev = log_L - log_a
-        # exp(log L_{t-1} - log L_j) for j < t, pairwise in log space (no overflow of 1 / L_j)
+        # log |a| with the signs counted apart, as chunk.py does: 16-bit inputs can make a gate slightly negative
+        log_a, neg = torch.log(a.abs().clamp_min(1e-30)), (a < 0).to(torch.int64)
+        log_L, neg_L = torch.cumsum(log_a, dim=2), torch.cumsum(neg, dim=2)
+        log_L_prev, neg_L_prev = log_L - log_a, neg_L - neg
+        # L_{t-1} / L_j for j < t, pairwise in log space (no overflow of 1 / L_j)
         decay = torch.exp((log_L_prev.unsqueeze(3) - log_L.unsqueeze(2)).masked_fill(~strict, float("-inf")))
-        c_next = torch.exp(log_L_prev) * P + torch.einsum("bhtj,bhtjm,bhjm->bhtm", gram, decay, b)
+        decay = decay * _sign(neg_L_prev.unsqueeze(3) - neg_L.unsqueeze(2))
+        c_next = _sign(neg_L_prev) * torch.exp(log_L_prev) * P + torch.einsum("bhtj,bhtjm,bhjm->bhtm", gram, decay, b)
         residual = (c_next - c).detach().abs().amax()
         c = c_next
     a, b, _ = slot_gates(c, gamma, vv, one, orthogonal=orthogonal, normalize=True)

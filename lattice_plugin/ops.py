@@ -88,7 +88,7 @@ def _check_gate_solver(gate_solver: str, iters: int, backend: str, normalize: bo
         if backend == "recurrent":
             raise LatticeError("gate_solver='fixed_point' needs a chunked backend ('torch' or 'triton')")
         if not normalize:
-            raise LatticeError("gate_solver='fixed_point' needs normalize=True (its log-gates need positive gates)")
+            raise LatticeError("gate_solver='fixed_point' needs normalize=True (its gate formulas assume unit slots)")
         if not isinstance(iters, int) or iters < 0:
             raise LatticeError(f"fixed_point_iters must be a non-negative integer, got {iters!r}")
 

@@ -26,6 +26,23 @@ def make_inputs(B, T, Hq, H, m, d, *, sharp=1.0):
     return [x.requires_grad_() for x in (q, k, v, beta, s0)]
 
 
+def negative_gate_inputs(B, T, Hq, H, m, d):
+    """bf16 rounds a saturated beta and code to exactly 1 and a unit value to a norm up to ~0.2% above 1, so a value
+    along a slot gives ``beta k c > 1``: a slightly negative forget gate. Every token writes slot 0; every 8th has
+    beta = 1 and a value 1.002 times slot 0 (gates near -0.002). Float32 ``(q, k, v, beta, s0)``."""
+    q, v, s0 = (
+        torch.randn(B, T, Hq, m),
+        torch.nn.functional.normalize(torch.randn(B, T, H, d), dim=-1),
+        torch.randn(B, H, d, m),
+    )
+    k = torch.zeros(B, T, H, m)
+    k[..., 0] = 1.0
+    beta = torch.full((B, T, H), 0.5)
+    beta[:, ::8] = 1.0
+    v[:, ::8] = 1.002 * normalize_slots(s0)[..., 0].unsqueeze(1)
+    return q, k, v, beta, s0
+
+
 def outputs_and_grads(fn, inputs):
     """``fn(q, k, v, beta, state) -> (o, final, ...)``; gradients of a fixed random projection of both outputs."""
     o, final, *_ = fn(*inputs[:4], normalize_slots(inputs[4]))
@@ -72,6 +89,13 @@ def test_no_iteration_is_the_frozen_chunk_gates():
     got = outputs_and_grads(lambda *x: fixed_point_lattice(*x, iters=0, sub_chunk=16, chunk_size=16), inputs)
     ref = outputs_and_grads(lambda *x: chunk_lattice(*x, chunk_size=16, gates="chunk"), inputs)
     assert max(rel_errors(got, ref)) < 1e-12
+
+
+def test_converged_equals_recurrence_through_negative_gates():
+    inputs = [x.double().requires_grad_() for x in negative_gate_inputs(1, 40, 1, 1, 12, 10)]
+    ref = outputs_and_grads(recurrent_lattice, inputs)
+    errors = rel_errors(outputs_and_grads(lambda *x: fixed_point_lattice(*x, iters=16), inputs), ref)
+    assert max(errors) < 1e-8, errors  # NaN fails too
 
 
 def test_operator_option_and_bad_settings():
