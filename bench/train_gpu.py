@@ -1,5 +1,5 @@
-"""One device call for the training-speed work (issue 16): GPU checks of the fused prologue/epilogue, the first-use
-compile time of a fresh shape, then ``lattice bench --train``.
+"""One device call for the training-speed work (issue 16): GPU checks of the fused prologue/epilogue and of the
+matmul gate passes (negative gates included), the first-use compile time of a fresh shape, then ``lattice bench --train``.
 
 Run with a fresh ``TRITON_CACHE_DIR``; writes ``$OUT/train_gpu.json`` (checks, compile times; rewritten after
 every step) and the bench's ``$OUT/train_T<T>.json`` / ``.png``. ``SEQ_LENS`` (default 2048,8192,32768) are run
@@ -10,6 +10,7 @@ included).
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -104,6 +105,58 @@ def check_fused() -> None:
     save()
 
 
+def check_gate_passes() -> None:
+    """The matmul gate passes (frozen chunk gates; exact gates through the fixed point, converged) against the float64
+    chunkwise reference on the GPU: random inputs at the bench's mixer shape and an awkward GQA one, and inputs whose
+    forget gates dip just below zero, as bf16 rounding makes them in training (``negative_gate_inputs``), or are exactly
+    zero once a token per 16 (``vanishing_gate_inputs``)."""
+    from lattice_plugin.kernels.chunk import chunk_lattice
+    from lattice_plugin.kernels.gates import normalize_slots
+    from lattice_plugin.kernels.triton_chunk import chunk_lattice_triton
+
+    from lattice_plugin.bench import lattice_inputs, negative_gate_inputs, vanishing_gate_inputs
+
+    def random_case(B, T, Hq, H, m, d, device):
+        q, k, v, beta, _ = lattice_inputs(B, T, Hq, H, m, d, dtype=torch.float32, device=device)
+        return q, k, v, beta, torch.randn(B, H, d, m, device=device)
+
+    builders = {"random": random_case, "negative gates": negative_gate_inputs, "vanishing gates": vanishing_gate_inputs}
+
+    # (inputs, name, dtype, gates, tolerance): a tolerance of None records the errors and asks for finite ones only
+    # (bf16 rounding divided by a gate of -0.002 is not a meaningful bound)
+    model, awkward, near_zero = (2, 300, 12, 12, 64, 64), (2, 200, 6, 3, 20, 24), (1, 256, 4, 2, 64, 64)
+    cases = [
+        ("random", model, torch.bfloat16, "chunk", 2e-2),
+        ("random", model, torch.bfloat16, "exact", 2e-2),
+        ("random", awkward, torch.float32, "chunk", 1e-4),
+        ("negative gates", near_zero, torch.float32, "chunk", 3e-3),
+        ("negative gates", near_zero, torch.float32, "exact", 3e-3),
+        ("negative gates", model, torch.bfloat16, "chunk", None),
+        ("vanishing gates", near_zero, torch.float32, "chunk", 1e-4),
+        ("vanishing gates", model, torch.bfloat16, "chunk", 2e-2),
+    ]
+    rows = []
+    for kind, shape, dtype, gates, tol in cases:
+        inputs = builders[kind](*shape, device=DEVICE)
+
+        def kernel(q, k, v, beta, s0, dtype, gates=gates):
+            state = normalize_slots(s0.float())
+            return chunk_lattice_triton(
+                q, k, v, beta, state, chunk_size=64, gates=gates, gate_solver="fixed_point", fixed_point_iters=16
+            )
+
+        def reference(q, k, v, beta, s0, dtype, gates=gates):
+            return tuple(chunk_lattice(q, k, v, beta, normalize_slots(s0), chunk_size=64, gates=gates)[:2])
+
+        err = compare(kernel, reference, inputs, dtype)
+        finite = all(math.isfinite(e) for e in err.values())
+        ok = finite and (tol is None or max(err.values()) <= tol)
+        rows.append(dict(inputs=kind, shape=list(shape), dtype=str(dtype), gates=gates, tolerance=tol, ok=ok, **err))
+        print("gate passes:", rows[-1], flush=True)
+    report["gate_pass_checks"] = dict(all_ok=all(r["ok"] for r in rows), rows=rows)
+    save()
+
+
 def lattice_call(B, T, gates):
     from lattice_plugin.bench import lattice_inputs
     from lattice_plugin.ops import lattice_attention
@@ -158,8 +211,7 @@ def measure_compile() -> None:
     for B, T, gates in ((8, 2048, "chunk"), (2, 8192, "exact"), (2, 8192, "chunk")):
         (q, k, v, beta, s0), _ = lattice_call(B, T, gates)
         state = s0.unsqueeze(0).expand(B, -1, -1, -1)  # as ops.lattice_attention hands it to the kernels
-        solver = "fixed_point" if gates == "chunk" else "scan"  # what gate_solver="auto" picks
-        options = (64, gates == "exact", True, True, solver, 4)  # as kernels/triton_chunk.py's _OPTIONS names them
+        options = (64, gates == "exact", True, True, "scan", 4)  # gate_solver="auto"; as triton_chunk's _OPTIONS
         calls.append(((q, k, v, beta, state), options))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -180,8 +232,14 @@ def main() -> int:
     except Exception as error:  # a build failure of the fused kernels is a result, and the bench still runs
         report["fused_checks"] = dict(all_ok=False, error=f"{type(error).__name__}: {str(error)[:1000]}")
         print("fused checks: FAILED", report["fused_checks"]["error"], flush=True)
+    try:
+        check_gate_passes()
+    except Exception as error:  # as above: a failure is a result
+        report["gate_pass_checks"] = dict(all_ok=False, error=f"{type(error).__name__}: {str(error)[:1000]}")
+        print("gate pass checks: FAILED", report["gate_pass_checks"]["error"], flush=True)
+    checks_ok = report["fused_checks"]["all_ok"] and report["gate_pass_checks"]["all_ok"]
     if os.environ.get("DRY") == "1" or DEVICE != "cuda":
-        return 0 if report["fused_checks"]["all_ok"] else 1
+        return 0 if checks_ok else 1
     if not report["fused_checks"]["all_ok"]:  # the model rows then measure the separate elementwise kernels
         import lattice_plugin.model
 
@@ -216,7 +274,7 @@ def main() -> int:
             )
         else:
             print(f"{row['method']:>14} {row['T']:>6} {row.get('error', '')[:80]}")
-    return 0 if report["fused_checks"]["all_ok"] else 1
+    return 0 if checks_ok else 1
 
 
 if __name__ == "__main__":

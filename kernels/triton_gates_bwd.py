@@ -35,6 +35,12 @@ from .triton_gates_fwd import GATE_WARPS, _slot_block
 
 
 @triton.jit
+def _through_gate(dlog_a, a):
+    """``dL/da`` from ``dL/d log|a|``; 0 for a vanishing gate (``|a| < 1e-30``), whose log the reference clamps."""
+    return tl.where(tl.abs(a) >= 1e-30, dlog_a / a, 0.0)
+
+
+@triton.jit
 def _frozen_reverse_kernel(
     q,
     do,
@@ -132,10 +138,10 @@ def _frozen_reverse_kernel(
                     tl.where(later, tl.dot(V, tl.trans(DO), input_precision=PREC), 0.0), QL, input_precision=PREC
                 )
                 gS += tl.dot(tl.trans(DO), QL, input_precision=PREC)
-            db += intra / eg
+            db += tl.where(eg != 0.0, intra / eg, 0.0)  # e^g underflows after two vanishing gates (module doc)
             qdq_t = tl.load(qdq + tile, mask=tm_mask, other=0.0)
             if EXACT:
-                ep = eg / a  # e^{g_{t-1}}: token u's gate reads the state before it
+                ep = _signed_exp(g - la, n - neg)  # e^{g_{t-1}}: token u's gate reads the state before it
                 feedback = tl.where(o_t[:, None] < o_t[None, :], tl.dot(V, tl.trans(V), input_precision=PREC), 0.0)
                 carry = tl.where(o_t[:, None] == BCC - 1, next_dcc[None, :], 0.0)
                 dc = tl.zeros([BCC, BM], dtype=tl.float32)
@@ -146,7 +152,7 @@ def _frozen_reverse_kernel(
                     sub_sum = tl.sum(dg, 0)
                     dlog_a = later_sum[None, :] + sub_sum[None, :] - tl.cumsum(dg, 0) + dg
                     dc, dgamma, dvv, _ = _gate_grads(
-                        c, gamma, vv, ones, a, b, dlog_a / a, db, ones * 0.0, ORTHOGONAL, True
+                        c, gamma, vv, ones, a, b, _through_gate(dlog_a, a), db, ones * 0.0, ORTHOGONAL, True
                     )
                     dc = tl.where(m_mask[None, :], dc, 0.0)
                 next_dcc = tl.sum(tl.where(o_t[:, None] == 0, dc * c, 0.0), 0)
@@ -155,7 +161,9 @@ def _frozen_reverse_kernel(
                 dg = qdq_t - b * db
                 sub_sum = tl.sum(dg, 0)
                 dlog_a = later_sum[None, :] + sub_sum[None, :] - tl.cumsum(dg, 0) + dg
-                dc, dgamma, dvv, _ = _gate_grads(c, gamma, vv, ones, a, b, dlog_a / a, db, ones * 0.0, ORTHOGONAL, True)
+                dc, dgamma, dvv, _ = _gate_grads(
+                    c, gamma, vv, ones, a, b, _through_gate(dlog_a, a), db, ones * 0.0, ORTHOGONAL, True
+                )
                 dc = tl.where(m_mask[None, :], dc, 0.0)
                 pend += tl.dot(tl.trans(V), dc, input_precision=PREC)
             later_sum += sub_sum

@@ -53,6 +53,47 @@ def lattice_inputs(B, T, Hq, H, m, d, *, dtype=torch.bfloat16, device="cuda", re
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
+def negative_gate_inputs(B, T, Hq, H, m, d, *, device="cpu"):
+    """Inputs with slightly negative forget gates, as bf16 rounding makes them in training: a saturated beta and code
+    round to exactly 1 and a unit value to a norm up to ~0.2% above 1, so a value along a slot gives ``beta k c > 1``.
+    Every token writes slot 0; every 8th has beta = 1 and a value 1.002 times slot 0 (gates near -0.002). Float32
+    ``(q, k, v, beta, s0)`` with a per-sequence ``s0`` (B, H, d, m); the kernel tests and the GPU check use them."""
+    from lattice_plugin.kernels.gates import normalize_slots
+
+    q, v, s0 = (
+        torch.randn(B, T, Hq, m, device=device),
+        torch.nn.functional.normalize(torch.randn(B, T, H, d, device=device), dim=-1),
+        torch.randn(B, H, d, m, device=device),
+    )
+    k = torch.zeros(B, T, H, m, device=device)
+    k[..., 0] = 1.0
+    beta = torch.full((B, T, H), 0.5, device=device)
+    beta[:, ::8] = 1.0
+    v[:, ::8] = 1.002 * normalize_slots(s0)[..., 0].unsqueeze(1)
+    return q, k, v, beta, s0
+
+
+def vanishing_gate_inputs(B, T, Hq, H, m, d, *, every=16, device="cpu"):
+    """Inputs with forget gates of exactly 0: slot 0 starts as the first basis vector and every ``every``-th token
+    writes that same vector into it with ``beta k = 1``, so ``c = 1`` and ``1 - beta k c = 0`` in any precision (a
+    16-bit rounded ``c`` gave such gates in training). Other tokens write small random steps. Float32
+    ``(q, k, v, beta, s0)`` with a per-sequence ``s0`` (B, H, d, m)."""
+    q = torch.randn(B, T, Hq, m, device=device)
+    v = torch.nn.functional.normalize(torch.randn(B, T, H, d, device=device), dim=-1)
+    s0 = torch.randn(B, H, d, m, device=device)
+    s0[..., 0] = 0.0
+    s0[..., 0, 0] = 1.0
+    k = torch.rand(B, T, H, m, device=device) * 0.5
+    k[..., 0] = 0.0
+    beta = torch.rand(B, T, H, device=device) * 0.5
+    k[:, ::every] = 0.0
+    k[:, ::every, :, 0] = 1.0
+    beta[:, ::every] = 1.0
+    v[:, ::every] = 0.0
+    v[:, ::every, :, 0] = 1.0
+    return q, k, v, beta, s0
+
+
 def _fwd_and_train(forward, inputs, *, rep_ms):
     """Median ms of ``forward(*inputs)`` without autograd, and of forward + backward of all inputs."""
     with torch.no_grad():

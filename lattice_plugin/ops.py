@@ -93,6 +93,15 @@ def _check_gate_solver(gate_solver: str, iters: int, backend: str, normalize: bo
             raise LatticeError(f"fixed_point_iters must be a non-negative integer, got {iters!r}")
 
 
+def resolve_gate_solver(gate_solver: GateSolver) -> str:
+    """``"auto"`` is the scan, for exact and frozen gates alike. The matmul passes are faster for frozen gates
+    (bench/results/kernels_gla_h100.json) but divide ``dL/d log a`` by the gate ``a``: with 16-bit inputs their
+    tf32 matmuls leave that sum errors of ~1e-3, which a gate near 0 (bf16 rounding makes them, docs/math.md §4b)
+    turns into gradient errors of 10% and more, and NaN where a rounded gate is exactly 0. That diverged every
+    frozen-gate MQAR run at lr >= 1e-3. The scan's reverse sweep never divides by a gate."""
+    return "scan" if gate_solver == "auto" else gate_solver
+
+
 def lattice_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -129,8 +138,7 @@ def lattice_attention(
             ``"fixed_point"`` (matmul passes, docs/math.md §4b: ``fixed_point_iters`` iterations from the frozen
             gates on 16-token sub-chunks, exact once they converge; for ``gates="chunk"`` the same frozen gates by
             the matmul kernels). Needs ``normalize=True``; the float64 recurrence stays the ground truth.
-            ``"auto"``: the faster measured (bench/results/kernels_gla_h100.json): matmul passes for frozen gates,
-            the scan for exact ones.
+            ``"auto"``: the scan (see :func:`resolve_gate_solver`).
         fixed_point_iters: iterations of the fixed point for ``gates="exact"``.
 
     Returns:
@@ -142,8 +150,7 @@ def lattice_attention(
         raise LatticeError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     backend = resolve_backend(backend, q.device, gates, q.dtype, chunk_size)
     _check_gate_solver(gate_solver, fixed_point_iters, backend, normalize)
-    if gate_solver == "auto":
-        gate_solver = "fixed_point" if gates == "chunk" and normalize and backend != "recurrent" else "scan"
+    gate_solver = resolve_gate_solver(gate_solver)
     options = dict(
         gates=gates,
         orthogonal=orthogonal,

@@ -12,6 +12,7 @@ from lattice_plugin.kernels.fixed_point import fixed_point_lattice
 from lattice_plugin.kernels.gates import normalize_slots
 from lattice_plugin.kernels.recurrent import recurrent_lattice
 
+from lattice_plugin.bench import negative_gate_inputs
 from lattice_plugin.errors import LatticeError
 from lattice_plugin.ops import lattice_attention
 
@@ -24,23 +25,6 @@ def make_inputs(B, T, Hq, H, m, d, *, sharp=1.0):
     beta = torch.rand(B, T, H, dtype=torch.float64)
     s0 = torch.randn(B, H, d, m, dtype=torch.float64)
     return [x.requires_grad_() for x in (q, k, v, beta, s0)]
-
-
-def negative_gate_inputs(B, T, Hq, H, m, d):
-    """bf16 rounds a saturated beta and code to exactly 1 and a unit value to a norm up to ~0.2% above 1, so a value
-    along a slot gives ``beta k c > 1``: a slightly negative forget gate. Every token writes slot 0; every 8th has
-    beta = 1 and a value 1.002 times slot 0 (gates near -0.002). Float32 ``(q, k, v, beta, s0)``."""
-    q, v, s0 = (
-        torch.randn(B, T, Hq, m),
-        torch.nn.functional.normalize(torch.randn(B, T, H, d), dim=-1),
-        torch.randn(B, H, d, m),
-    )
-    k = torch.zeros(B, T, H, m)
-    k[..., 0] = 1.0
-    beta = torch.full((B, T, H), 0.5)
-    beta[:, ::8] = 1.0
-    v[:, ::8] = 1.002 * normalize_slots(s0)[..., 0].unsqueeze(1)
-    return q, k, v, beta, s0
 
 
 def outputs_and_grads(fn, inputs):
@@ -117,8 +101,9 @@ def test_operator_option_and_bad_settings():
             lattice_attention(q, k, v, beta, s0, backend=options.pop("backend", "torch"), **options)
 
 
-def test_auto_solver_picks_the_matmul_passes_for_frozen_gates_only(monkeypatch):
-    """``gate_solver="auto"`` (the default) hands the Triton entry the measured faster solver."""
+def test_auto_solver_is_the_scan(monkeypatch):
+    """``gate_solver="auto"`` (the default) hands the Triton entry the scan for every gate mode: the matmul passes
+    are opt-in (test_triton_gates.py::test_default_solver_under_tf32_near_zero_gates says why)."""
     import lattice_plugin.ops as ops
 
     seen = []
@@ -143,4 +128,4 @@ def test_auto_solver_picks_the_matmul_passes_for_frozen_gates_only(monkeypatch):
     q, k, v, beta, s0 = (x.detach() for x in make_inputs(1, 20, 1, 1, 4, 3))
     for gates, normalize in [("chunk", True), ("exact", True), ("chunk", False)]:
         lattice_attention(q, k, v, beta, s0[0], gates=gates, normalize=normalize, chunk_size=16)
-    assert seen == [("chunk", "fixed_point"), ("exact", "scan"), ("chunk", "scan")]
+    assert seen == [("chunk", "scan"), ("exact", "scan"), ("chunk", "scan")]
