@@ -36,7 +36,8 @@ from .triton_gates_fwd import GATE_WARPS, _slot_block
 
 @triton.jit
 def _through_gate(dlog_a, a):
-    """``dL/da`` from ``dL/d log|a|``; 0 for a vanishing gate (``|a| < 1e-30``), whose log the reference clamps."""
+    """``dL/da`` from ``dL/d log|a|``, or 0 for a vanishing gate (``|a| < 1e-30``), where the log has no derivative:
+    finite, but not the true gradient there (the scan has it; docs/math.md §4b)."""
     return tl.where(tl.abs(a) >= 1e-30, dlog_a / a, 0.0)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from lattice_plugin.kernels.gates import slot_gates
 
+from lattice_plugin.bench import vanishing_gate_inputs
 from lattice_plugin.errors import LatticeError
 from lattice_plugin.ops import lattice_attention, lattice_step
 
@@ -149,6 +150,21 @@ def test_torch_backend_gradients(gates, orthogonal, normalize):
             ref_grads = torch.autograd.grad((o_ref * o.detach().sin()).sum() + (state_ref * state_ref).sum(), inputs)
             for grad, ref in zip(grads, ref_grads):
                 assert (grad - ref).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("gates", ["exact", "chunk"])
+def test_torch_backend_gradients_through_vanishing_gates(gates):
+    """Forget gates of exactly 0 (``vanishing_gate_inputs``; bf16 rounding makes them in training): the chunkwise
+    reference's gradients still equal finite differences, as a log-space product (no derivative at 0) would not."""
+    q, k, v, beta, init = (x.double() for x in vanishing_gate_inputs(1, 40, 2, 1, 8, 8, every=8))
+    s0 = init[0]
+    options = dict(backend="torch", chunk_size=16, gates=gates, output_final_state=True)
+
+    def fn(q, k, v, beta, init):
+        return lattice_attention(q, k, v, beta, s0, initial_state=init, **options)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, beta, init)]
+    assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
 
 
 @pytest.mark.parametrize("orthogonal,normalize", FLAGS)
