@@ -82,7 +82,7 @@ def gated_chunk(
     later = torch.ones(L, L, dtype=torch.bool, device=a.device).triu(1).view(1, 1, L, L, 1)  # [j, l]: l > j
     # row j: the gates after token j, 1 elsewhere; its running product at l = t is D[t, j] for t >= j
     D = torch.cumprod(torch.where(later, a.unsqueeze(2), 1.0), dim=3).transpose(2, 3)  # (B, H, t, j, m)
-    D = D * torch.ones(L, L, device=a.device).tril().view(1, 1, L, L, 1)  # t >= j only
+    D = D * torch.ones(L, L, dtype=a.dtype, device=a.device).tril().view(1, 1, L, L, 1)  # t >= j only
     M = (q.unsqueeze(4) * (D * b.unsqueeze(2)).unsqueeze(2)).sum(-1)  # (B, H, G, t, j): sum_i q_t[i] W_t[j, i]
     B, H, G = q.shape[:3]
     # (B, H, G * L, .) @ (B, H, ., d): no copy of the state or the values per query head

@@ -24,6 +24,10 @@ sub-chunks backwards, carrying ``G`` (``[D, BM]``): per sub-chunk ``V G`` and, p
 sweep writes (``dc``, ``d gamma``, ``d ||v||^2`` per token, the state gradient at every chunk end after the
 retraction, the gradient of the initial state), so the dv passes of :mod:`triton_chunk_fwd` and
 :mod:`triton_chunk_bwd` run unchanged.
+
+``da = (dL/d log a) / a`` is ill-conditioned near ``a = 0`` (docs/math.md §4b), which is why these passes are
+opt-in. A gate of exactly 0 passes no gradient (``_through_gate``), and where ``e^g`` underflows inside a sub-chunk
+(after two such gates) the intra-sub-chunk term of ``db`` is dropped: finite there, not exact.
 """
 
 import torch
