@@ -66,6 +66,21 @@ def _one_chunk(
     return gated_chunk(q, a, b, v, state, normalize=normalize)
 
 
+def running_products(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate products of one chunk, gates ``a`` ``(B, H, L, m)``: ``A[t] = prod_{l <= t} a_l`` ``(B, H, L, m)`` and
+    ``D[t, j] = prod_{j < l <= t} a_l`` for ``t >= j``, else 0 ``(B, H, t, j, m)``.
+
+    Running products (cumprod), never ratios of them and never logs: exact, sign included, for gates of any size,
+    and their gradients stay exact through a gate of 0 (which bf16 rounding produces), where the derivative of
+    ``log |a|`` does not exist.
+    """
+    L = a.shape[2]
+    later = torch.ones(L, L, dtype=torch.bool, device=a.device).triu(1).view(1, 1, L, L, 1)  # [j, l]: l > j
+    # row j: the gates after token j, 1 elsewhere; its running product at l = t is D[t, j] for t >= j
+    D = torch.cumprod(torch.where(later, a.unsqueeze(2), 1.0), dim=3).transpose(2, 3)
+    return torch.cumprod(a, dim=2), D * torch.ones(L, L, dtype=a.dtype, device=a.device).tril().view(1, 1, L, L, 1)
+
+
 def gated_chunk(
     q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, v: torch.Tensor, state: torch.Tensor, *, normalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,15 +89,8 @@ def gated_chunk(
     q ``(B, H, G, L, m)``, v ``(B, H, L, d)``, state ``(B, H, d, m)`` -> ``(o (B, H, G, L, d), new_state)``.
     """
     # Slot i after token t is A[t, i] s_i + sum_{j <= t} b[j, i] D[t, j, i] v_j with D[t, j] = prod_{j < l <= t} a_l.
-    # The products are running products (cumprod), never ratios of them and never logs: exact, sign included, for
-    # gates of any size, and their gradients stay exact through a gate of 0 (which bf16 rounding produces), where
-    # the derivative of log |a| does not exist.
+    A, D = running_products(a)
     L = a.shape[2]
-    A = torch.cumprod(a, dim=2)  # (B, H, L, m)
-    later = torch.ones(L, L, dtype=torch.bool, device=a.device).triu(1).view(1, 1, L, L, 1)  # [j, l]: l > j
-    # row j: the gates after token j, 1 elsewhere; its running product at l = t is D[t, j] for t >= j
-    D = torch.cumprod(torch.where(later, a.unsqueeze(2), 1.0), dim=3).transpose(2, 3)  # (B, H, t, j, m)
-    D = D * torch.ones(L, L, dtype=a.dtype, device=a.device).tril().view(1, 1, L, L, 1)  # t >= j only
     M = (q.unsqueeze(4) * (D * b.unsqueeze(2)).unsqueeze(2)).sum(-1)  # (B, H, G, t, j): sum_i q_t[i] W_t[j, i]
     B, H, G = q.shape[:3]
     # (B, H, G * L, .) @ (B, H, ., d): no copy of the state or the values per query head

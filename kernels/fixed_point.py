@@ -9,18 +9,15 @@ converges geometrically long before. Given the gates, the sub-chunk is plain gat
 (:func:`chunk.gated_chunk`). Gradients come from autograd through the unrolled iterations.
 
 Only the normalised variants (``normalize=True``) are covered (the gate formulas assume unit slots). Their forget
-gates are positive while ``|beta k| ||v|| < 1``; a gate that rounding pushes below 0 keeps its sign in the products.
+gates are positive while ``|beta k| ||v|| < 1``; rounding can push one to or below 0, which the running products
+(:func:`chunk.running_products`) carry exactly, gradients included.
 """
 
 import torch
+import torch.nn.functional as F
 
-from .chunk import gated_chunk
+from .chunk import gated_chunk, running_products
 from .gates import normalize_slots, slot_gates
-
-
-def _sign(negatives: torch.Tensor) -> torch.Tensor:
-    """-1 for an odd count of negative gates, else 1."""
-    return 1 - 2 * (negatives % 2)
 
 
 def fixed_point_gates(
@@ -31,21 +28,15 @@ def fixed_point_gates(
     P ``(B, H, L, m)``: ``v_t . s_i`` at the sub-chunk start; gram ``(B, H, L, L)``; gamma ``(B, H, L, m)``.
     Also returns the residual ``max |c^(K) - c^(K-1)|`` (0 for ``iters=0``), detached.
     """
-    L = P.shape[2]
     vv = gram.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
-    strict = torch.ones(L, L, dtype=torch.bool, device=P.device).tril(-1)[:, :, None]  # (t, j, 1): j < t
     one = torch.ones((), dtype=P.dtype, device=P.device)
     c, residual = P, torch.zeros((), dtype=P.dtype, device=P.device)
     for _ in range(iters):
         a, b, _ = slot_gates(c, gamma, vv, one, orthogonal=orthogonal, normalize=True)
-        # log |a| with the signs counted apart, as chunk.py does: 16-bit inputs can make a gate slightly negative
-        log_a, neg = torch.log(a.abs().clamp_min(1e-30)), (a < 0).to(torch.int64)
-        log_L, neg_L = torch.cumsum(log_a, dim=2), torch.cumsum(neg, dim=2)
-        log_L_prev, neg_L_prev = log_L - log_a, neg_L - neg
-        # L_{t-1} / L_j for j < t, pairwise in log space (no overflow of 1 / L_j)
-        decay = torch.exp((log_L_prev.unsqueeze(3) - log_L.unsqueeze(2)).masked_fill(~strict, float("-inf")))
-        decay = decay * _sign(neg_L_prev.unsqueeze(3) - neg_L.unsqueeze(2))
-        c_next = _sign(neg_L_prev) * torch.exp(log_L_prev) * P + torch.einsum("bhtj,bhtjm,bhjm->bhtm", gram, decay, b)
+        A, D = running_products(a)
+        # L_{t-1} and L_{t-1} / L_j = D[t-1, j] for j < t: both shifted one token later (no division by L_j)
+        L_prev, decay = F.pad(A, (0, 0, 1, -1), value=1.0), F.pad(D, (0, 0, 0, 0, 1, -1))
+        c_next = L_prev * P + torch.einsum("bhtj,bhtjm,bhjm->bhtm", gram, decay, b)
         residual = (c_next - c).detach().abs().amax()
         c = c_next
     a, b, _ = slot_gates(c, gamma, vv, one, orthogonal=orthogonal, normalize=True)

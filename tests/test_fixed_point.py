@@ -5,6 +5,8 @@ Awkward shapes (T not a multiple of the sub-chunk, m and d not powers of two, GQ
 few iterations must shrink the error and report a residual of the same order.
 """
 
+from functools import partial
+
 import pytest
 import torch
 from lattice_plugin.kernels.chunk import chunk_lattice
@@ -12,7 +14,7 @@ from lattice_plugin.kernels.fixed_point import fixed_point_lattice
 from lattice_plugin.kernels.gates import normalize_slots
 from lattice_plugin.kernels.recurrent import recurrent_lattice
 
-from lattice_plugin.bench import negative_gate_inputs
+from lattice_plugin.bench import negative_gate_inputs, vanishing_gate_inputs
 from lattice_plugin.errors import LatticeError
 from lattice_plugin.ops import lattice_attention
 
@@ -75,8 +77,10 @@ def test_no_iteration_is_the_frozen_chunk_gates():
     assert max(rel_errors(got, ref)) < 1e-12
 
 
-def test_converged_equals_recurrence_through_negative_gates():
-    inputs = [x.double().requires_grad_() for x in negative_gate_inputs(1, 40, 1, 1, 12, 10)]
+@pytest.mark.parametrize("build", [negative_gate_inputs, partial(vanishing_gate_inputs, every=4)])
+def test_converged_equals_recurrence_through_negative_gates(build):
+    """Gates just below 0 and gates of exactly 0 (both from 16-bit rounding): values and gradients exact."""
+    inputs = [x.double().requires_grad_() for x in build(1, 40, 1, 1, 12, 10)]
     ref = outputs_and_grads(recurrent_lattice, inputs)
     errors = rel_errors(outputs_and_grads(lambda *x: fixed_point_lattice(*x, iters=16), inputs), ref)
     assert max(errors) < 1e-8, errors  # NaN fails too
