@@ -11,7 +11,8 @@
 #                STEPS, STOP_AT, BUDGET_S apply to every grid (a grid's own --steps or --stop-at wins)
 #   PART=lm      MIXERS=... TOKENS=3276800                                     (perplexity and tokens/s per mixer)
 #   PART=passkey  corpus with PASSKEY_DOCS answered pass-key documents (default 8000) -> teacher-small (pretrain) ->
-#                convert -> distill small -> lattice_passkey at and beyond 256 tokens
+#                convert -> distill small -> lattice_passkey at and beyond 256 tokens (needs more than one call: run it
+#                again on the still-warm machine to continue; see the part below)
 #   PART=checks  bench/fla_peer_check.py: every mixer's causality at the LM and MQAR shapes, FLA's GLA and DeltaNet
 #                kernels against FLA's own recurrences -> fla_peer_check.json, saved after every entry (its own call:
 #                beside 14 MQAR processes its 540 s covered six of the eight mixers' causality entries, no kernel check)
@@ -82,15 +83,27 @@ case "$PART" in
     # The teacher learns the task's format from answered documents up to 160 words (~210 tokens, within its 256).
     # On the CPU a tiny teacher needed 8000 such documents and 1600 steps to reach 0.3-0.55 at its training length
     # (README): hence PASSKEY_DOCS, TEACHER_TOKENS (1000 steps of 64 x 256) and STAGE2_TOKENS above the recipes'.
-    step corpus 120 $L corpus "$W/corpus" --force --passkey-docs "${PASSKEY_DOCS:-8000}" --passkey-words 160
-    step teacher 240 env LATTICE_COMPILE=0 $L pretrain --config recipes/pretrain/teacher-small.yaml \
-      --out_dir "$W/teacher" --tokenizer_dir "$W/corpus/tokenizer" --data.init_args.train_data_path "$W/corpus/train" \
-      --data.init_args.val_data_path "$W/corpus/val" --train.max_tokens "${TEACHER_TOKENS:-16384000}"
-    step convert 120 $L convert "$W/teacher/final" --out "$W/student" --force
+    # As set it needs more than one 10-minute call (one H100: the teacher step 236 s, the distillation over 193 s):
+    # the same command again on the still-warm machine (its $WORK is kept) skips every finished step and resumes the
+    # distillation from its last checkpoint (every 40 steps).
+    finished() {  # finished PATH NAME: PATH exists (each step writes it last, or atomically): say so
+      [ -e "$1" ] && log "   $2: finished in an earlier call ($1)"
+    }
+    finished "$W/corpus/tokenizer" corpus ||
+      step corpus 120 $L corpus "$W/corpus" --force --passkey-docs "${PASSKEY_DOCS:-8000}" --passkey-words 160
+    finished "$W/teacher/final/lit_model.pth" teacher ||
+      step teacher 300 env LATTICE_COMPILE=0 $L pretrain --config recipes/pretrain/teacher-small.yaml \
+        --out_dir "$W/teacher" --tokenizer_dir "$W/corpus/tokenizer" --data.init_args.train_data_path "$W/corpus/train" \
+        --data.init_args.val_data_path "$W/corpus/val" --train.max_tokens "${TEACHER_TOKENS:-16384000}"
+    finished "$W/student" convert || step convert 120 $L convert "$W/teacher/final" --out "$W/student" --force
     use_checked_backend "$W/student"
-    step distill 200 $L distill --config recipes/distill/small.yaml --teacher_dir "$W/teacher/final" \
-      --student_dir "$W/student" --out_dir "$W/distill" --data.init_args.train_data_path "$W/corpus/train" \
-      --data.init_args.val_data_path "$W/corpus/val" --devices 1 --stage2.max_tokens "${STAGE2_TOKENS:-1048576}"
+    resume_distill=false  # an earlier call's checkpoints (stage<N>/step-*, stage1/final): continue them
+    for c in "$W"/distill/stage*/step-* "$W"/distill/stage1/final; do [ -e "$c" ] && resume_distill=true; done
+    finished "$W/distill/final" distill ||
+      step distill 400 $L distill --config recipes/distill/small.yaml --teacher_dir "$W/teacher/final" \
+        --student_dir "$W/student" --out_dir "$W/distill" --data.init_args.train_data_path "$W/corpus/train" \
+        --data.init_args.val_data_path "$W/corpus/val" --devices 1 --stage2.max_tokens "${STAGE2_TOKENS:-1048576}" \
+        --resume "$resume_distill"
     cp "$W/distill/report.json" "$OUT/passkey-distill-report.json" 2>/dev/null
     step passkey 150 $L recall passkey "$W/teacher/final" "$W/distill/final" \
       --lengths "${LENGTHS:-128,192,384,768,1536}" \
