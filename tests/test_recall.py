@@ -27,7 +27,7 @@ from lattice_plugin.recall.mixers import (
     check_causal,
     parse_mixers,
 )
-from lattice_plugin.recall.mqar import MQARSettings, main_lengths, markdown, run_mqar, summarize
+from lattice_plugin.recall.mqar import MQARSettings, markdown, plotted_settings, run_mqar, summarize
 from lattice_plugin.recall.task import FILLER, IGNORE, check_mqar, mqar_batch
 from lattice_plugin.recall.training import Schedule, train
 
@@ -204,13 +204,20 @@ def test_summary_takes_the_best_lr_and_marks_settings_where_attention_fails_inva
     assert "K=4, T=64, 99 steps" in text and "0.990 @ lr 0.001 (no attention row)" in text  # its own column
 
 
-def test_the_plot_keeps_each_k_at_the_length_most_rows_share():
-    def entry(mixer, K, T):
-        return dict(mixer=mixer, setting=dict(K=K, T=T, steps=10), accuracy=0.5)
+def test_the_plot_shows_each_k_at_a_valid_setting_most_rows_share():
+    def entry(mixer, K, T, steps=10, valid=True):
+        return dict(mixer=mixer, setting=dict(K=K, T=T, steps=steps), accuracy=0.5, valid=valid)
 
     best = [entry(name, 16, 256) for name in ("attention", "gla", "deltanet")]
-    best += [entry(name, 16, 64) for name in ("attention", "gla")] + [entry("attention", 128, 512)]
-    assert main_lengths(best) == {16: 256, 128: 512}  # the short-distance column stays out of the K plot
+    best += [entry(name, 16, 64) for name in ("attention", "gla")]  # a short-distance diagnostic
+    best += [entry("lattice_exact", 16, 256, steps=30, valid=None)]  # a longer run without an attention row
+    best += [entry(name, 128, 512, valid=False) for name in ("attention", "gla", "deltanet")]  # invalid at 10 steps
+    best += [entry(name, 128, 512, steps=25) for name in ("attention", "deltanet")]
+    best += [entry(name, 8, 64, valid=False) for name in ("attention", "gla")]  # invalid everywhere: still shown
+    shown = {K: dict(task) for K, task in plotted_settings(best).items()}
+    assert shown[16] == dict(K=16, T=256, steps=10)
+    assert shown[128] == dict(K=128, T=512, steps=25)
+    assert shown[8] == dict(K=8, T=64, steps=10)
 
 
 def test_lm_rows_report_heldout_perplexity_and_speed(tiny_corpus, tmp_path):

@@ -400,31 +400,37 @@ def markdown(summary: dict[str, Any], devices: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def main_lengths(best: list[dict[str, Any]]) -> dict[int, int]:
-    """The sequence length most summary entries share at each K: the one the plot shows (a column at another length,
-    e.g. a short-distance diagnostic, stays in the markdown table only)."""
-    counts: dict[int, dict[int, int]] = {}
+def plotted_settings(best: list[dict[str, Any]]) -> dict[int, tuple]:
+    """Per K, the task setting (T, steps, ...) the accuracy-vs-K plot shows: of the settings in which attention reached
+    ``VALID_ATTENTION``, the one most summary entries share (so K = 128 shows its 5,000-step column where 2,000 steps
+    are invalid); where none is valid, the one most entries share. The others (a short-distance diagnostic, a longer
+    run without an attention row) stay in the markdown table only."""
+    by_k: dict[int, dict[tuple, list[bool | None]]] = {}
     for b in best:
-        by_length = counts.setdefault(b["setting"]["K"], {})
-        by_length[b["setting"]["T"]] = by_length.get(b["setting"]["T"], 0) + 1
-    return {K: max(by_length, key=lambda T: (by_length[T], T)) for K, by_length in counts.items()}
+        by_k.setdefault(b["setting"]["K"], {}).setdefault(_task(b["setting"]), []).append(b["valid"])
+    return {
+        K: max(tasks, key=lambda t: (True in tasks[t], len(tasks[t]), [str(v) for _, v in t]))
+        for K, tasks in by_k.items()
+    }
 
 
 def plot(summary: dict[str, Any], path: Path, title: str) -> None:
-    """Accuracy vs K per mixer (at m = 64 where measured), and accuracy vs m per K for the Lattice variants, for the
-    settings and mixer options most rows share, at each K's :func:`main_lengths` (the markdown table shows every
-    setting and option, and the settings where every lr diverged)."""
+    """Accuracy vs K per mixer (at m = 64 where measured), and accuracy vs m per K for the Lattice variants, at each
+    K's :func:`plotted_settings` and the mixer options most entries share (the markdown table shows every setting and
+    option, and the settings where every lr diverged)."""
     plt = pyplot()
     if plt is None or not summary["best"]:
         return
-    families = [_task({k: v for k, v in b["setting"].items() if k not in ("K", "T")}) for b in summary["best"]]
-    main = max(set(families), key=families.count)  # the settings most rows share (steps, batch, ...), K aside
-    converged = [b["lr"] not in b.get("diverged_lrs", []) for b in summary["best"]]  # every lr diverged: no point
-    best = [b for b, family, ok in zip(summary["best"], families, converged) if family == main and ok]
+    best = [b for b in summary["best"] if b["lr"] not in b.get("diverged_lrs", [])]  # every lr diverged: no point
+    if not best:
+        return
     options = [_line(b)[2:] for b in best]  # a mixer's options besides m (e.g. the Lattice backend of a diagnostic)
     best = [b for b, option in zip(best, options) if option == max(set(options), key=options.count)]
-    lengths = main_lengths(best)
-    best = [b for b in best if b["setting"]["T"] == lengths[b["setting"]["K"]]]
+    shown = plotted_settings(best)
+    best = [b for b in best if _task(b["setting"]) == shown[b["setting"]["K"]]]
+    steps = {K: dict(task)["steps"] for K, task in shown.items()}
+    usual = max(set(steps.values()), key=list(steps.values()).count) if steps else None
+    other_steps = ", ".join(f"K = {K}: {n}" for K, n in sorted(steps.items()) if n != usual)
     ms = [b["m"] for b in best if b["m"] is not None]
     main_m = DEFAULT_SLOTS if DEFAULT_SLOTS in ms else (max(set(ms), key=ms.count) if ms else None)
     figure, (by_k, by_m) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -448,8 +454,11 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
         xlabel="key-value pairs K",
         ylabel="accuracy (best lr)",
         ylim=(-0.02, 1.02),
-        title=f"MQAR, m = {main_m} (x: attention < {VALID_ATTENTION:.0%}, invalid)",
+        title=f"MQAR, m = {main_m}, {usual} steps{f' ({other_steps})' if other_steps else ''}; x: attention < "
+        f"{VALID_ATTENTION:.0%}, invalid",
     )
+    by_k.set_xticks(sorted(shown), [str(K) for K in sorted(shown)], minor=False)
+    by_k.minorticks_off()
     by_k.legend(fontsize=7)
     for mixer in [name for name in MIXERS if MIXERS[name].lattice is not None]:
         for K in sorted({b["setting"]["K"] for b in best}):
@@ -457,6 +466,9 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
             if len(points) > 1:
                 by_m.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{mixer} K={K}")
     by_m.set(xscale="log", xlabel="slots m", ylabel="accuracy (best lr)", ylim=(-0.02, 1.02), title="slot count")
+    slots = sorted({b["m"] for b in best if b["m"] is not None})
+    by_m.set_xticks(slots, [str(m) for m in slots], minor=False)
+    by_m.minorticks_off()
     if by_m.get_legend_handles_labels()[0]:
         by_m.legend(fontsize=7)
     figure.suptitle(title, fontsize=9)
