@@ -86,12 +86,13 @@ case "$PART" in
     # As set it needs more than one 10-minute call (one H100: the teacher step 236 s, the distillation over 193 s):
     # the same command again on the still-warm machine (its $WORK is kept) skips every finished step and resumes the
     # distillation from its last checkpoint (every 40 steps).
-    finished() {  # finished PATH NAME: PATH exists (each step writes it last, or atomically): say so
+    finished() {  # finished PATH NAME: PATH, which its step writes atomically or last, exists: say so (litgpt's
+      # final checkpoint writes model_config.yaml after the weights and the tokenizer)
       [ -e "$1" ] && log "   $2: finished in an earlier call ($1)"
     }
     finished "$W/corpus/tokenizer" corpus ||
       step corpus 120 $L corpus "$W/corpus" --force --passkey-docs "${PASSKEY_DOCS:-8000}" --passkey-words 160
-    finished "$W/teacher/final/lit_model.pth" teacher ||
+    finished "$W/teacher/final/model_config.yaml" teacher ||
       step teacher 300 env LATTICE_COMPILE=0 $L pretrain --config recipes/pretrain/teacher-small.yaml \
         --out_dir "$W/teacher" --tokenizer_dir "$W/corpus/tokenizer" --data.init_args.train_data_path "$W/corpus/train" \
         --data.init_args.val_data_path "$W/corpus/val" --train.max_tokens "${TEACHER_TOKENS:-16384000}"
