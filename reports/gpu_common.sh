@@ -6,6 +6,13 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     litgpt==0.5.13 jsonargparse==4.41.0 docstring-parser==0.18.0 typeshed-client==2.15.0 litdata==0.2.59 \
 #     boto3==1.44.8 botocore==1.44.8 s3transfer==0.19.3 jmespath==1.1.0
+# and, for reports/run_recall_gpu.sh PART=passkey, lm-eval and what it needs beyond the image, in .whl/lmeval/:
+#   pip wheel --no-deps -w .whl/lmeval lm_eval==0.4.13 datasets==5.0.1 dill==0.4.1 chardet==6.0.0.post1 pytz==2026.6 \
+#     evaluate==0.4.6 more_itertools==11.2.1 pytablewriter==1.2.1 DataProperty==1.1.1 mbstrdecoder==1.1.5 \
+#     pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 rouge_score==0.1.2 nltk==3.10.4 \
+#     sqlitedict==2.1.0 word2number==1.1
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl/lmeval \
+#     multiprocess==0.70.19                                                          (its wheels are per Python version)
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export LITDATA_DISABLE_VERSION_CHECK=1   # the GPU machines reach no network

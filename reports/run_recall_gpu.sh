@@ -29,6 +29,10 @@ if [ "${INSTALL:-1}" = 1 ] && [ -d .whl ] && ls .whl/flash_linear_attention-*.wh
     .whl/fla_core-*.whl .whl/flash_linear_attention-*.whl || log "fla wheels did not install: FLA rows are skipped"
 fi
 PART=${PART:-mqar}
+if [ "${INSTALL:-1}" = 1 ] && [ "$PART" = passkey ]; then  # lm-eval and what it needs beyond the image (gpu_common.sh)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    .whl/lmeval/*.whl || { log "PART=passkey needs the lm-eval wheels in .whl/lmeval (see gpu_common.sh)"; exit 1; }
+fi
 BUDGET_S=${BUDGET_S:-420}   # of the call's 600 s: the install, the last row's overrun and the copy-back need the rest
 R=reports/recall
 resume() {  # resume NAME: the committed rows of NAME.json become the starting point in $OUT
