@@ -76,8 +76,8 @@ def negative_gate_inputs(B, T, Hq, H, m, d, *, device="cpu"):
 def vanishing_gate_inputs(B, T, Hq, H, m, d, *, every=16, device="cpu"):
     """Inputs with forget gates of exactly 0: slot 0 starts as the first basis vector and every ``every``-th token
     writes that same vector into it with ``beta k = 1``, so ``c = 1`` and ``1 - beta k c = 0`` in any precision (16-bit
-    rounding can make such gates). Other tokens write small random steps. Float32
-    ``(q, k, v, beta, s0)`` with a per-sequence ``s0`` (B, H, d, m)."""
+    rounding can make such gates). Other tokens write small random steps. Float32 ``(q, k, v, beta, s0)`` with a
+    per-sequence ``s0`` (B, H, d, m)."""
     q = torch.randn(B, T, Hq, m, device=device)
     v = torch.nn.functional.normalize(torch.randn(B, T, H, d, device=device), dim=-1)
     s0 = torch.randn(B, H, d, m, device=device)

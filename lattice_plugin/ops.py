@@ -97,8 +97,8 @@ def resolve_gate_solver(gate_solver: GateSolver) -> str:
     """``"auto"`` is the scan, for exact and frozen gates alike. The matmul passes are faster for frozen gates
     (bench/results/kernels_gla_h100.json) but divide ``dL/d log a`` by the gate ``a``: with 16-bit inputs their
     tf32 matmuls leave that sum errors of ~1e-3, which a gate near 0 (bf16 rounding makes them, docs/math.md §4b)
-    turns into gradient errors of 10% and more (and, on an H100, NaN). Every frozen-gate MQAR run at
-    lr >= 1e-3 diverged on them. The scan's reverse sweep never divides by a gate."""
+    turns into gradient errors of 10% and more (and, on an H100, NaN): frozen-gate MQAR runs at lr 1e-3 and 3e-3
+    diverged on them (five of six), and none did on the scan, whose reverse sweep never divides by a gate."""
     return "scan" if gate_solver == "auto" else gate_solver
 
 

@@ -429,7 +429,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     shown = plotted_settings(best)
     best = [b for b in best if _task(b["setting"]) == shown[b["setting"]["K"]]]
     steps = {K: dict(task)["steps"] for K, task in shown.items()}
-    usual = max(set(steps.values()), key=list(steps.values()).count) if steps else None
+    usual = max(set(steps.values()), key=list(steps.values()).count)
     other_steps = ", ".join(f"K = {K}: {n}" for K, n in sorted(steps.items()) if n != usual)
     ms = [b["m"] for b in best if b["m"] is not None]
     main_m = DEFAULT_SLOTS if DEFAULT_SLOTS in ms else (max(set(ms), key=ms.count) if ms else None)
