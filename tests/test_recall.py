@@ -279,6 +279,9 @@ def test_passkey_scores_teacher_and_student_beyond_the_training_length(tmp_path)
         scores = model["scores"]
         assert 0 <= scores["40"]["exact_match"] <= 1 and scores["40"]["beyond_training_length"]
         assert scores["40"]["prompt_tokens_max"] > 32
+        shown = scores["16"]["answers"]  # both prompts: targets are the task's 5-digit keys, answers what was generated
+        assert len(shown) == 2 and all(len(a["target"]) == 5 and a["target"].isdigit() for a in shown)
+        assert 1 <= scores["16"]["distinct_answers"] <= 2 and all(isinstance(a["answer"], str) for a in shown)
     assert report["models"]["student"]["lattice_layers"] == [0, 1] and "| teacher | 32 |" in result.stdout
 
 

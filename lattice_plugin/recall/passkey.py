@@ -19,6 +19,16 @@ from lattice_plugin.errors import LatticeError
 from lattice_plugin.recall.results import device_info, pyplot, write_png
 
 ANSWER_TOKENS = 16  # the task generates at most 12 tokens
+SHOWN_ANSWERS = 5  # per length: enough to tell a model that copies from one that repeats a memorised key
+
+
+def answers(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a model answered at one length (lm-eval's logged samples): the first ``SHOWN_ANSWERS`` prompts' targets
+    and stripped answers, and how many distinct answers it gave over all prompts (1: a constant guess)."""
+    ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+    given = [sample["filtered_resps"][0] for sample in ordered]
+    shown = [dict(target=str(s["target"]), answer=a) for s, a in zip(ordered[:SHOWN_ANSWERS], given, strict=False)]
+    return dict(answers=shown, distinct_answers=len(set(given)))
 
 
 def longest_prompt_tokens(data_dir: Path, lengths: list[int], tokenizer: Any) -> dict[int, dict[str, float]]:
@@ -97,6 +107,7 @@ def run_passkey(
             numpy_random_seed=seed,
             torch_random_seed=seed,
             fewshot_random_seed=seed,
+            log_samples=True,
         )
         scores = {}
         for length in data_config.passkey_lengths:
@@ -107,10 +118,12 @@ def run_passkey(
                 prompt_tokens_mean=prompts[length]["mean"],
                 prompt_tokens_max=prompts[length]["max"],
                 beyond_training_length=prompts[length]["max"] + ANSWER_TOKENS > trained,
+                **answers(results["samples"][f"lattice_passkey_{length}"]),
             )
             echo(
                 f"  {length} words (~{prompts[length]['mean']:.0f} tokens): "
-                f"exact match {scores[str(length)]['exact_match']:.3f}"
+                f"exact match {scores[str(length)]['exact_match']:.3f} "
+                f"({scores[str(length)]['distinct_answers']} distinct answers)"
             )
         models[label] = dict(
             checkpoint=str(checkpoint_dir),
