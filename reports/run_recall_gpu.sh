@@ -11,8 +11,8 @@
 #                STEPS, STOP_AT, BUDGET_S apply to every grid (a grid's own --steps or --stop-at wins)
 #   PART=lm      MIXERS=... TOKENS=3276800                                     (perplexity and tokens/s per mixer)
 #   PART=passkey  corpus with PASSKEY_DOCS answered pass-key documents (default 8000) -> teacher-small (pretrain) ->
-#                convert -> distill small -> lattice_passkey at and beyond 256 tokens (needs more than one call: run it
-#                again on the still-warm machine to continue; see the part below)
+#                convert -> distill small -> lattice_passkey at and beyond 256 tokens (one H100: 546 s; if a call ends
+#                first, run it again on the still-warm machine to continue; see the part below)
 #   PART=checks  bench/fla_peer_check.py: every mixer's causality at the LM and MQAR shapes, FLA's GLA and DeltaNet
 #                kernels against FLA's own recurrences -> fla_peer_check.json, saved after every entry (its own call:
 #                beside 14 MQAR processes its 540 s covered six of the eight mixers' causality entries, no kernel check)
@@ -87,9 +87,9 @@ case "$PART" in
     # The teacher learns the task's format from answered documents up to 160 words (~210 tokens, within its 256).
     # On the CPU a tiny teacher needed 8000 such documents and 1600 steps to reach 0.3-0.55 at its training length
     # (README): hence PASSKEY_DOCS, TEACHER_TOKENS (1000 steps of 64 x 256) and STAGE2_TOKENS above the recipes'.
-    # As set it needs more than one 10-minute call (one H100: the teacher step 236 s, the distillation over 193 s):
-    # the same command again on the still-warm machine (its $WORK is kept) skips every finished step and resumes the
-    # distillation from its last checkpoint (every 40 steps).
+    # On one H100 it fits one 10-minute call (546 s: the teacher step 210 s, 141 s of it litgpt's data preparation;
+    # the distillation 215 s). A call that ends first is continued by the same command on the still-warm machine
+    # (its $WORK is kept): it skips every finished step and resumes the distillation from its last checkpoint.
     finished() {  # finished PATH NAME: PATH, which its step writes atomically or last, exists: say so (litgpt's
       # final checkpoint writes model_config.yaml after the weights and the tokenizer)
       [ -e "$1" ] && log "   $2: finished in an earlier call ($1)"
