@@ -10,9 +10,9 @@
 #                each; ARGS are `lattice recall mqar` options (--mixers, --pairs, --slots, --lrs, --seq-len, ...) and
 #                STEPS, STOP_AT, BUDGET_S apply to every grid (a grid's own --steps or --stop-at wins)
 #   PART=lm      MIXERS=... TOKENS=3276800                                     (perplexity and tokens/s per mixer)
-#   PART=passkey  corpus with PASSKEY_DOCS answered pass-key documents (default 8000) -> teacher-small (pretrain) ->
-#                convert -> distill small -> lattice_passkey at and beyond 256 tokens (one H100: 546 s; if a call ends
-#                first, run it again on the still-warm machine to continue; see the part below)
+#   PART=passkey  corpus with PASSKEY_DOCS answered pass-key documents (default 40000) -> teacher-small (pretrain) ->
+#                convert -> distill small -> lattice_passkey at and beyond 256 tokens (one H100, 8000 documents: 546 s;
+#                if a call ends first, run it again on the still-warm machine to continue; see the part below)
 #   PART=checks  bench/fla_peer_check.py: every mixer's causality at the LM and MQAR shapes, FLA's GLA and DeltaNet
 #                kernels against FLA's own recurrences -> fla_peer_check.json, saved after every entry (its own call:
 #                beside 14 MQAR processes its 540 s covered six of the eight mixers' causality entries, no kernel check)
@@ -85,17 +85,19 @@ case "$PART" in
     cat "$OUT/lm.md" ;;
   passkey)
     # The teacher learns the task's format from answered documents up to 160 words (~210 tokens, within its 256).
-    # On the CPU a tiny teacher needed 8000 such documents and 1600 steps to reach 0.3-0.55 at its training length
-    # (README): hence PASSKEY_DOCS, TEACHER_TOKENS (1000 steps of 64 x 256) and STAGE2_TOKENS above the recipes'.
-    # On one H100 it fits one 10-minute call (546 s: the teacher step 210 s, 141 s of it litgpt's data preparation;
-    # the distillation 215 s). A call that ends first is continued by the same command on the still-warm machine
+    # On the CPU a tiny teacher needed 8000 such documents and 1600 steps to reach 0.3-0.55 at its training length,
+    # seeing each document 3 times (README): hence TEACHER_TOKENS (1000 steps of 64 x 256) and STAGE2_TOKENS above the
+    # recipes', and PASSKEY_DOCS so that this teacher too sees each document about 3 times (5.6M of the 16.4M tokens).
+    # With 8000 documents (11 times each) the H100 teacher scored 0 at every length.
+    # With 8000 documents it fit one 10-minute call on an H100 (546 s: the teacher step 210 s, 141 s of it litgpt's
+    # data preparation; the distillation 215 s). A call that ends first is continued by the same command on the still-warm machine
     # (its $WORK is kept): it skips every finished step and resumes the distillation from its last checkpoint.
     finished() {  # finished PATH NAME: PATH, which its step writes atomically or last, exists: say so (litgpt's
       # final checkpoint writes model_config.yaml after the weights and the tokenizer)
       [ -e "$1" ] && log "   $2: finished in an earlier call ($1)"
     }
     finished "$W/corpus/tokenizer" corpus ||
-      step corpus 120 $L corpus "$W/corpus" --force --passkey-docs "${PASSKEY_DOCS:-8000}" --passkey-words 160
+      step corpus 120 $L corpus "$W/corpus" --force --passkey-docs "${PASSKEY_DOCS:-40000}" --passkey-words 160
     finished "$W/teacher/final/model_config.yaml" teacher ||
       step teacher 300 env LATTICE_COMPILE=0 $L pretrain --config recipes/pretrain/teacher-small.yaml \
         --out_dir "$W/teacher" --tokenizer_dir "$W/corpus/tokenizer" --data.init_args.train_data_path "$W/corpus/train" \
