@@ -88,10 +88,11 @@ case "$PART" in
     # On the CPU a tiny teacher needed 8000 such documents and 1600 steps to reach 0.3-0.55 at its training length,
     # seeing each document 3 times (README): hence TEACHER_TOKENS (1000 steps of 64 x 256) and STAGE2_TOKENS above the
     # recipes', and PASSKEY_DOCS so that this teacher too sees each document about 3 times (5.6M of the 16.4M tokens).
-    # With 8000 documents (11 times each) the H100 teacher scored 0 at every length.
-    # With 8000 documents it fit one 10-minute call on an H100 (546 s: the teacher step 210 s, 141 s of it litgpt's
-    # data preparation; the distillation 215 s). A call that ends first is continued by the same command on the still-warm machine
-    # (its $WORK is kept): it skips every finished step and resumes the distillation from its last checkpoint.
+    # With 8000 documents (11 times each) the H100 teacher scored 0 at every length. That run fit one 10-minute call
+    # (546 s: the teacher step 210 s, 141 s of it litgpt's data preparation; the distillation 215 s); the teacher's
+    # limit leaves room for the larger corpus. A call that ends first is continued by the same command on the
+    # still-warm machine (its $WORK is kept): it skips every finished step and resumes the distillation from its last
+    # checkpoint.
     finished() {  # finished PATH NAME: PATH, which its step writes atomically or last, exists: say so (litgpt's
       # final checkpoint writes model_config.yaml after the weights and the tokenizer)
       [ -e "$1" ] && log "   $2: finished in an earlier call ($1)"
@@ -99,7 +100,7 @@ case "$PART" in
     finished "$W/corpus/tokenizer" corpus ||
       step corpus 120 $L corpus "$W/corpus" --force --passkey-docs "${PASSKEY_DOCS:-40000}" --passkey-words 160
     finished "$W/teacher/final/model_config.yaml" teacher ||
-      step teacher 300 env LATTICE_COMPILE=0 $L pretrain --config recipes/pretrain/teacher-small.yaml \
+      step teacher 420 env LATTICE_COMPILE=0 $L pretrain --config recipes/pretrain/teacher-small.yaml \
         --out_dir "$W/teacher" --tokenizer_dir "$W/corpus/tokenizer" --data.init_args.train_data_path "$W/corpus/train" \
         --data.init_args.val_data_path "$W/corpus/val" --train.max_tokens "${TEACHER_TOKENS:-16384000}"
     finished "$W/student" convert || step convert 120 $L convert "$W/teacher/final" --out "$W/student" --force
